@@ -1,0 +1,51 @@
+"""The one error type kd raises for bad input, and how the CLI prints it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration value or input file that kd cannot use.
+
+    Raised where the value enters (a constructor, a loader), before any training starts. The
+    command line prints it as one line, ``kd-train: error: <key>: <message>``, and exits with
+    status 2.
+
+    Args:
+        key: The config key at fault (``distill.temperature``, ``teacher.ckpt``), or the name of
+            the argument when the caller does not know the full key.
+        message: What is wrong and how to fix it.
+    """
+
+    def __init__(self, key: str, message: str) -> None:
+        self.key = key
+        self.message = message
+        super().__init__(f"{key}: {message}")
+
+    def with_prefix(self, prefix: str) -> ConfigError:
+        """The same error with its key placed under a config node (``temperature`` -> ``distill.temperature``)."""
+        if not prefix or self.key.startswith(prefix + ".") or self.key == prefix:
+            return self
+        return ConfigError(f"{prefix}.{self.key}", self.message)
+
+
+def instantiate_checked(node: Any, key: str, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate`` whose failures become one-line ConfigErrors naming ``key``.
+
+    A ConfigError raised by the constructor keeps its message, its key placed under ``key``
+    (``temperature`` -> ``distill.temperature``); any other failure is reported with the target
+    and the original error.
+    """
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as e:
+        cause = e.__cause__
+        if isinstance(cause, ConfigError):
+            raise cause.with_prefix(key) from None
+        target = node.get("_target_", "?") if hasattr(node, "get") else "?"
+        detail = f"{type(cause).__name__}: {cause}" if cause else str(e).splitlines()[0]
+        raise ConfigError(key, f"cannot build {target}: {detail}") from e

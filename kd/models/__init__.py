@@ -1,0 +1,6 @@
+"""Model constructors and the builder that fits them to a datamodule."""
+
+from kd.models.build import build_model, count_parameters
+from kd.models.convnet import ConvNet
+
+__all__ = ["ConvNet", "build_model", "count_parameters"]

@@ -1,0 +1,143 @@
+"""The LightningModule of every kd run: a trainable student, an optional frozen teacher, a loss."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+
+from kd.errors import ConfigError
+from kd.losses.base import DistillationLoss
+from kd.outputs import Batch, ModelOutput
+
+OptimizerFactory = Callable[..., Optimizer]
+SchedulerFactory = Callable[[Optimizer], Any]
+
+
+def _accuracy(num_classes: int) -> MetricCollection:
+    metrics = {"acc": MulticlassAccuracy(num_classes, top_k=1, average="micro")}
+    if num_classes > 5:
+        metrics["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
+    return MetricCollection(metrics)
+
+
+class DistillationModule(L.LightningModule):
+    """Trains ``student`` with ``criterion``, guided by a frozen ``teacher`` when one is given.
+
+    The teacher is frozen for real: its parameters have ``requires_grad=False``, it stays in eval
+    mode whatever Lightning calls, its forward runs under ``torch.no_grad()`` (not inference
+    mode, whose tensors autograd refuses to save), and it is left out of the optimizer and so of
+    gradient clipping. Without a teacher this is plain supervised training: the same module
+    trains teachers.
+
+    Args:
+        student: The network to train.
+        criterion: The distillation method; its parameters (if any) train with the student.
+        optimizer: ``partial`` of an optimizer class, called with the trainable parameters.
+        num_classes: Classes of the data, for the accuracy metrics.
+        teacher: The frozen teacher, or None.
+        scheduler: ``partial`` of an LR scheduler class, called with the optimizer, or None.
+        scheduler_interval: ``"epoch"`` or ``"step"``: when the scheduler steps.
+
+    Raises:
+        ConfigError: If the criterion needs a teacher and none is given.
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        criterion: DistillationLoss,
+        optimizer: OptimizerFactory,
+        num_classes: int,
+        teacher: nn.Module | None = None,
+        scheduler: SchedulerFactory | None = None,
+        scheduler_interval: str = "epoch",
+    ) -> None:
+        super().__init__()
+        if criterion.requires_teacher and teacher is None:
+            raise ConfigError("distill", f"{type(criterion).__name__} needs a teacher; none given")
+        if scheduler_interval not in ("epoch", "step"):
+            raise ConfigError("scheduler_interval", f"must be epoch or step, got {scheduler_interval}")
+        self.student = student
+        self.criterion = criterion
+        self.teacher = teacher
+        if teacher is not None:
+            teacher.requires_grad_(False)
+            teacher.eval()
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.scheduler_interval = scheduler_interval
+        acc = _accuracy(num_classes)
+        self.train_metrics = acc.clone(prefix="train/")
+        self.val_metrics = acc.clone(prefix="val/")
+        self.test_metrics = acc.clone(prefix="test/")
+
+    def train(self, mode: bool = True) -> DistillationModule:
+        """Sets train/eval mode on everything but the teacher, which stays in eval mode."""
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The student's logits ``(B, num_classes)``."""
+        return self.student(x)
+
+    def teacher_forward(self, x: Tensor) -> ModelOutput:
+        """The teacher's output, computed without autograd."""
+        assert self.teacher is not None
+        with torch.no_grad():
+            return ModelOutput(logits=self.teacher(x))
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        """Student and criterion parameters: everything the optimizer updates, never the teacher."""
+        for module in (self.student, self.criterion):
+            yield from (p for p in module.parameters() if p.requires_grad)
+
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        x, y = batch["input"], batch["target"]  # (B, ...), (B,)
+        student = ModelOutput(logits=self.student(x))
+        teacher = self.teacher_forward(x) if self.teacher is not None else None
+        terms = self.criterion(student, teacher, batch)
+        loss = torch.stack(list(terms.values())).sum()
+        n = len(y)
+        for name, value in terms.items():
+            self.log(f"train/loss_{name}", value, on_step=False, on_epoch=True, batch_size=n)
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=n)
+        self.train_metrics.update(student.logits.detach(), y)
+        self.log_dict(self.train_metrics, on_step=False, on_epoch=True, batch_size=n)
+        return loss
+
+    def _eval_step(self, batch: Batch, metrics: MetricCollection, stage: str) -> None:
+        x, y = batch["input"], batch["target"]
+        logits = self.student(x)  # (B, num_classes)
+        loss = nn.functional.cross_entropy(logits, y)
+        self.log(f"{stage}/loss", loss, batch_size=len(y), sync_dist=True)
+        metrics.update(logits, y)
+        self.log_dict(metrics, batch_size=len(y), prog_bar=stage == "val")
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        self._eval_step(batch, self.val_metrics, "val")
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        self._eval_step(batch, self.test_metrics, "test")
+
+    def on_train_epoch_end(self) -> None:
+        optimizer = self.optimizers()
+        self.log("train/lr", optimizer.param_groups[0]["lr"])  # type: ignore[union-attr]
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(list(self.trainable_parameters()))
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval},
+        }

@@ -1,0 +1,76 @@
+"""``results.json``: what a run measured, with everything needed to rerun it; and its summary."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+RESULTS_FILE = "results.json"
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Writes JSON to a temporary file beside ``path`` and renames it over ``path``.
+
+    A reader sees the old file or the new one, never half of one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=False, default=str)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def git_info() -> dict[str, Any]:
+    """The commit of the kd source tree and whether it has uncommitted changes (None outside git)."""
+    src = Path(__file__).resolve().parent
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(
+                ["git", *args], cwd=src, capture_output=True, text=True, timeout=10, check=True
+            )
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip()
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {"commit": commit, "dirty": bool(status) if status is not None else None}
+
+
+def _pct(value: float | None) -> str:
+    return f"{100 * value:6.2f}" if value is not None else "     -"
+
+
+def summary_table(results: dict[str, Any]) -> str:
+    """A short plain-text table of a run's results, for the end of the log."""
+    rows = [("model", "params", "val acc", "test acc", "test acc (final epoch)")]
+    teacher = results.get("teacher")
+    if teacher:
+        m = teacher["metrics"]
+        rows.append(("teacher", f"{teacher['params']:,}", _pct(m.get("val/acc")), _pct(m.get("test/acc")), "     -"))
+    student = results["student"]
+    m, f = student["metrics"], student["final_metrics"]
+    rows.append(("student", f"{student['params']:,}", _pct(m.get("val/acc")), _pct(m.get("test/acc")), _pct(f.get("test/acc"))))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    notes = []
+    if teacher:
+        notes.append(f"teacher: {teacher['source']} ({teacher['path']})")
+    selected = "best-validation checkpoint" if student["selected"] == "best_val" else "final weights"
+    notes.append(f"student: {results['method']}, val/test of the {selected}" + (f" (epoch {student['best_epoch']})" if student.get("best_epoch") is not None else ""))
+    notes.append(f"wall time {results['wall_time_s']:.1f} s; results in {results['run_dir']}/{RESULTS_FILE}")
+    return "\n".join(["accuracy (%)", *lines, *notes])

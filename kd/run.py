@@ -1,0 +1,125 @@
+"""``run(cfg)``: one kd experiment from a composed config to ``results.json``."""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from omegaconf import DictConfig, OmegaConf
+
+import kd
+from kd.errors import ConfigError, instantiate_checked
+from kd.fit import fit
+from kd.models.build import build_model, count_parameters
+from kd.results import RESULTS_FILE, git_info, summary_table, write_json_atomic
+from kd.teacher import resolve_teacher
+
+log = logging.getLogger(__name__)
+
+
+def _quiet() -> None:
+    """Silences warnings that are noise for kd's in-memory data and short runs."""
+    for pattern in (
+        ".*does not have many workers.*",
+        ".*is smaller than the logging interval.*",
+        ".*Checkpoint directory .* exists and is not empty.*",
+        ".*module\\(s\\) in eval mode at the start of training.*",  # the frozen teacher
+    ):
+        warnings.filterwarnings("ignore", pattern)
+
+
+def task_overrides() -> list[str]:
+    """The command-line overrides of this run (empty when not started by Hydra)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:
+        return []
+
+
+def instantiate_group(node: DictConfig | None, key: str) -> list[Any]:
+    """Instantiates each named entry of a group of objects (``callbacks``, ``logger``), in order."""
+    if not node:
+        return []
+    return [instantiate_checked(v, f"{key}.{name}") for name, v in node.items() if v is not None]
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Runs one experiment: builds and checks everything, gets a teacher, trains, tests, reports.
+
+    Every input is checked before anything trains: the data and method hyperparameters, the
+    models against the data, the teacher checkpoint. A teacher that is needed but neither given
+    nor stored is trained first (see ``kd.teacher``).
+
+    Args:
+        cfg: A config composed from ``conf/train.yaml``.
+
+    Returns:
+        The content of ``results.json``.
+
+    Raises:
+        ConfigError: On bad input, before training starts.
+    """
+    start = time.time()
+    started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    _quiet()
+    output_dir = Path(cfg.paths.output_dir)
+    if (output_dir / RESULTS_FILE).exists():
+        raise ConfigError(
+            "paths.output_dir", f"{output_dir} already holds the {RESULTS_FILE} of another run; "
+            "give the run a new directory (hydra.run.dir=...)"
+        )
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule = instantiate_checked(cfg.data, "data")
+    criterion = instantiate_checked(cfg.distill, "distill")
+    shape = tuple(datamodule.input_shape)
+    student = build_model(cfg.model.student, key="model.student", num_classes=datamodule.num_classes, input_shape=shape)
+    callbacks = instantiate_group(cfg.get("callbacks"), "callbacks")
+    loggers = instantiate_group(cfg.get("logger"), "logger")
+
+    teacher, teacher_info = None, None
+    if criterion.requires_teacher:
+        teacher, teacher_info = resolve_teacher(cfg, datamodule)
+
+    # Data order and dropout must not depend on whether the teacher was trained in this run.
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    for logger in loggers:
+        logger.log_hyperparams(resolved)
+    result = fit(
+        cfg, student=student, criterion=criterion, datamodule=datamodule, teacher=teacher,
+        callbacks=callbacks, loggers=loggers,
+    )
+    results = {
+        "kd_version": kd.__version__,
+        "git": git_info(),
+        "status": "completed",
+        "started_at": started_at,
+        "wall_time_s": round(time.time() - start, 2),
+        "run_dir": str(output_dir),
+        "overrides": task_overrides(),
+        "method": type(criterion).__name__,
+        "seed": cfg.seed,
+        "data": {"name": type(datamodule).__name__, "num_classes": datamodule.num_classes, "input_shape": list(shape)},
+        "teacher": teacher_info.as_dict() if teacher_info else None,
+        "student": {
+            "params": count_parameters(student),
+            "selected": result.selected,
+            "best_epoch": result.best_epoch,
+            "epochs": result.epochs,
+            "checkpoint": result.best_checkpoint,
+            "metrics": result.metrics,
+            "final_metrics": result.final_metrics,
+        },
+        "config": resolved,
+    }
+    if result.module.trainer.is_global_zero:
+        write_json_atomic(output_dir / RESULTS_FILE, results)
+        print(summary_table(results), flush=True)
+    return results
