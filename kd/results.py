@@ -69,7 +69,8 @@ def summary_table(results: dict[str, Any]) -> str:
     lines.insert(1, "-" * len(lines[0]))
     notes = []
     if teacher:
-        notes.append(f"teacher: {teacher['source']} ({teacher['path']})")
+        how = {"trained": "trained now and stored", "store": "reused from the store", "checkpoint": "loaded from"}
+        notes.append(f"teacher: {how.get(teacher['source'], teacher['source'])} {teacher['path']}")
     selected = "best-validation checkpoint" if student["selected"] == "best_val" else "final weights"
     notes.append(f"student: {results['method']}, val/test of the {selected}" + (f" (epoch {student['best_epoch']})" if student.get("best_epoch") is not None else ""))
     notes.append(f"wall time {results['wall_time_s']:.1f} s; results in {results['run_dir']}/{RESULTS_FILE}")

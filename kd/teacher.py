@@ -235,7 +235,10 @@ def _train_into_store(tcfg: DictConfig, keyed: dict[str, Any], datamodule: L.Lig
         criterion=instantiate(tcfg.distill),
         datamodule=datamodule,
         teacher=None,
-        callbacks=[ModelCheckpoint(dirpath=run_dir / "checkpoints", monitor="val/acc", mode="max")],
+        callbacks=[ModelCheckpoint(
+            dirpath=run_dir / "checkpoints", monitor="val/acc", mode="max",
+            filename="epoch{epoch:03d}-step{step}", auto_insert_metric_name=False,
+        )],
         loggers=[CSVLogger(str(run_dir), name="csv", version="")],
     )
     torch.save(result.module.student.state_dict(), tmp / "teacher.pt")

@@ -1,0 +1,50 @@
+"""kd-train as a user types it: help, one-line errors, a sweep."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def test_help_lists_the_config_groups(cli, capsys) -> None:
+    assert cli("--help") == 0
+    out = capsys.readouterr().out
+    assert "kd-train" in out
+    for group in ("data", "distill", "model/teacher", "model/student", "trainer", "logger",
+                  "callbacks", "experiment", "debug", "optimizer", "scheduler"):
+        assert f"{group}:" in out, group
+    assert "kd, none" in out  # the options of distill
+
+
+def test_cfg_job_prints_the_composed_config(cli, capsys) -> None:
+    assert cli("--cfg", "job", "distill.temperature=8") == 0
+    out = capsys.readouterr().out
+    assert "temperature: 8" in out and "_target_: kd.losses.KDLoss" in out
+
+
+def test_bad_value_is_one_line_on_stderr_with_exit_status_2(cli, capsys, tmp_path: Path) -> None:
+    code = cli("debug=fdr", "distill.temperature=-1", f"hydra.run.dir={tmp_path / 'r'}")
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err == "kd-train: error: distill.temperature: must be > 0 (it divides the logits), got -1"
+    assert not (tmp_path / "r" / "results.json").exists()
+
+
+def test_unknown_option_fails_with_the_list_of_options(cli, capsys) -> None:
+    assert cli("distill=kdd") != 0
+    err = capsys.readouterr().err
+    assert "Could not find 'distill/kdd'" in err and "Available options in 'distill'" in err
+
+
+def test_sweep_of_methods_and_seeds_shares_one_teacher(cli, tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    store = tmp_path / "store"
+    code = cli("-m", "distill=none,kd", "seed=0,1", "debug=fdr", f"teacher.store_dir={store}",
+               f"hydra.sweep.dir={sweep}")
+    assert code == 0
+    runs = [json.loads((sweep / str(i) / "results.json").read_text()) for i in range(4)]
+    assert [(r["method"], r["seed"]) for r in runs] == [
+        ("CrossEntropy", 0), ("CrossEntropy", 1), ("KDLoss", 0), ("KDLoss", 1)]
+    assert [r["teacher"] and r["teacher"]["source"] for r in runs] == [None, None, "trained", "store"]
+    assert runs[2]["overrides"] == ["distill=kd", "seed=0", "debug=fdr", f"teacher.store_dir={store}"]
+    assert len(list(store.iterdir())) == 2  # one entry and its lock file

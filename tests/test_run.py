@@ -1,0 +1,120 @@
+"""The default experiment end to end, results.json, and the teacher store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import open_dict
+
+from kd.models import ConvNet
+from kd.run import run
+from kd.teacher import store_key, teacher_run_config
+
+# The documented fields of results.json (README, "What a run writes").
+RESULT_FIELDS = {
+    "kd_version", "git", "status", "started_at", "wall_time_s", "run_dir", "overrides", "method",
+    "seed", "data", "teacher", "student", "config",
+}
+STUDENT_FIELDS = {"params", "selected", "best_epoch", "epochs", "checkpoint", "metrics", "final_metrics"}
+TEACHER_FIELDS = {"source", "path", "params", "metrics", "key"}
+
+
+def test_default_experiment_runs_end_to_end_and_writes_results(make_cfg, tmp_path: Path) -> None:
+    cfg = make_cfg()
+    results = run(cfg)
+    written = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert written == json.loads(json.dumps(results, default=str))
+    assert set(written) == RESULT_FIELDS
+    assert set(written["student"]) == STUDENT_FIELDS
+    assert set(written["teacher"]) == TEACHER_FIELDS
+    assert written["status"] == "completed" and written["method"] == "KDLoss"
+    assert written["kd_version"] == "0.1.0"
+    assert set(written["git"]) == {"commit", "dirty"}
+    assert written["config"]["distill"]["temperature"] == 4.0
+    assert written["data"] == {"name": "DigitsDataModule", "num_classes": 10, "input_shape": [1, 8, 8]}
+    # the parameter counts of the configs' comments
+    assert written["teacher"]["params"] == 294_986 and written["student"]["params"] == 1_442
+    for metrics in (written["student"]["metrics"], written["student"]["final_metrics"], written["teacher"]["metrics"]):
+        assert {"val/acc", "val/acc_top5", "test/acc", "test/acc_top5"} <= set(metrics)
+        assert all(0.0 <= v <= 1.0 for k, v in metrics.items() if "acc" in k)
+    assert written["student"]["selected"] == "best_val"
+    assert Path(written["student"]["checkpoint"]).is_file()
+    assert (tmp_path / "run" / "csv" / "metrics.csv").is_file()
+    # fdr trains its throwaway teacher inside the run directory, not in the shared store
+    assert written["teacher"]["source"] == "trained"
+    assert Path(written["teacher"]["path"]).is_relative_to(tmp_path / "run")
+    assert not (tmp_path / "outputs" / "teachers").exists()
+
+
+def test_second_run_reuses_the_stored_teacher(make_cfg, tmp_path: Path, caplog) -> None:
+    store = tmp_path / "store"
+    first = run(make_cfg(f"teacher.store_dir={store}", run_dir="a"))
+    assert first["teacher"]["source"] == "trained"
+    entry = store / first["teacher"]["key"]
+    assert {p.name for p in entry.iterdir()} >= {"teacher.pt", "meta.json", "run"}
+    assert not list(store.glob(".*tmp*")), "a temporary entry was left behind"
+    weights = torch.load(entry / "teacher.pt", weights_only=True)
+
+    caplog.set_level("INFO", logger="kd.teacher")
+    second = run(make_cfg(f"teacher.store_dir={store}", "seed=3", "distill.temperature=2", run_dir="b"))
+    assert second["teacher"]["source"] == "store"
+    assert second["teacher"]["key"] == first["teacher"]["key"]
+    assert second["teacher"]["metrics"] == first["teacher"]["metrics"]
+    assert any("reusing stored teacher" in r.message for r in caplog.records)
+    assert all(torch.equal(weights[k], v) for k, v in torch.load(entry / "teacher.pt", weights_only=True).items())
+
+
+def test_store_key_follows_what_decides_the_teacher_weights(make_cfg) -> None:
+    def key(*overrides: str) -> str:
+        return store_key(teacher_run_config(make_cfg(*overrides)))[0]
+
+    base = key()
+    assert base.startswith("convnet-")
+    # the student run's own settings do not change the teacher
+    for same in ("seed=5", "distill.temperature=9", "model/student=digits_cnn", "trainer.max_epochs=7",
+                 "data.num_workers=2", "trainer.enable_progress_bar=true", "optimizer.lr=0.5"):
+        assert key(same) == base, same
+    # the teacher's model, data and recipe do
+    for other in ("model.teacher.hidden=64", "data.split_seed=1", "data.batch_size=32",
+                  "teacher.recipe.seed=1", "teacher.recipe.max_epochs=2", "teacher.recipe.optimizer.lr=0.1"):
+        assert key(other) != base, other
+
+
+def test_teacher_from_a_checkpoint_file(make_cfg, tmp_path: Path) -> None:
+    net = ConvNet(num_classes=10, in_channels=1, channels=[64, 128], depth=2, hidden=256, dropout=0.3)
+    torch.save(net.state_dict(), tmp_path / "teacher.pt")
+    results = run(make_cfg(f"teacher.ckpt={tmp_path / 'teacher.pt'}"))
+    assert results["teacher"]["source"] == "checkpoint"
+    assert results["teacher"]["path"] == str(tmp_path / "teacher.pt")
+    assert "test/acc" in results["teacher"]["metrics"]
+
+
+def test_a_kd_student_checkpoint_can_serve_as_teacher(make_cfg, tmp_path: Path) -> None:
+    first = run(make_cfg(run_dir="a"))
+    ckpt = first["student"]["checkpoint"]  # a Lightning checkpoint holding student and teacher
+    tiny = ("model.teacher.channels=[8,16]", "model.teacher.depth=1", "model.teacher.hidden=0")
+    second = run(make_cfg(f"teacher.ckpt={ckpt}", *tiny, run_dir="b"))
+    assert second["teacher"]["params"] == first["student"]["params"]
+
+
+def test_plain_training_needs_no_teacher(make_cfg) -> None:
+    results = run(make_cfg("distill=none"))
+    assert results["teacher"] is None and results["method"] == "CrossEntropy"
+
+
+def test_same_seed_same_results(make_cfg) -> None:
+    a = run(make_cfg("distill=none", "trainer.limit_train_batches=3", run_dir="a"))
+    b = run(make_cfg("distill=none", "trainer.limit_train_batches=3", run_dir="b"))
+    assert a["student"]["metrics"] == b["student"]["metrics"]
+    c = run(make_cfg("distill=none", "trainer.limit_train_batches=3", "seed=1", run_dir="c"))
+    assert c["student"]["final_metrics"]["val/loss"] != a["student"]["final_metrics"]["val/loss"]
+
+
+@pytest.mark.slow
+def test_full_default_experiment_distills_a_strong_student(make_cfg) -> None:
+    results = run(make_cfg(fast=False))
+    assert results["teacher"]["metrics"]["test/acc"] > 0.97
+    assert results["student"]["metrics"]["test/acc"] > 0.95
