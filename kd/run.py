@@ -43,6 +43,35 @@ def task_overrides() -> list[str]:
         return []
 
 
+def check_launch(cfg: DictConfig) -> None:
+    """Refuses a Hydra multirun with a strategy that re-launches the script in every rank.
+
+    Lightning's ``ddp`` starts ranks 1..n by running the command again; inside a local
+    multirun each rank would then run the whole sweep (with a search sweeper, with different
+    hyperparameters). ``ddp_spawn`` forks inside the job instead; a SLURM launcher (submitit)
+    starts the ranks itself, one job per DDP group, which is fine.
+
+    Raises:
+        ConfigError: For ``ddp`` (and its variants other than spawn/fork) in a local multirun.
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    try:
+        hydra_cfg = HydraConfig.get()
+    except ValueError:
+        return
+    strategy = str(cfg.trainer.get("strategy", "auto"))
+    relaunches = strategy.startswith("ddp") and not strategy.startswith(("ddp_spawn", "ddp_fork", "ddp_notebook"))
+    launcher = str(hydra_cfg.launcher.get("_target_", ""))
+    if hydra_cfg.mode == RunMode.MULTIRUN and relaunches and "submitit" not in launcher:
+        raise ConfigError(
+            "trainer.strategy", f"{strategy} re-runs the command in every rank, so each rank would "
+            "re-run the whole sweep; use trainer.strategy=ddp_spawn in a multirun, or a SLURM "
+            "launcher (one job per DDP group)"
+        )
+
+
 def instantiate_group(node: DictConfig | None, key: str) -> list[Any]:
     """Instantiates each named entry of a group of objects (``callbacks``, ``logger``), in order."""
     if not node:
@@ -69,6 +98,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     start = time.time()
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     _quiet()
+    check_launch(cfg)
     output_dir = Path(cfg.paths.output_dir)
     if (output_dir / RESULTS_FILE).exists():
         raise ConfigError(

@@ -48,3 +48,11 @@ def test_sweep_of_methods_and_seeds_shares_one_teacher(cli, tmp_path: Path) -> N
     assert [r["teacher"] and r["teacher"]["source"] for r in runs] == [None, None, "trained", "store"]
     assert runs[2]["overrides"] == ["distill=kd", "seed=0", "debug=fdr", f"teacher.store_dir={store}"]
     assert len(list(store.iterdir())) == 2  # one entry and its lock file
+
+
+def test_multirun_with_script_relaunching_ddp_is_refused(cli, capsys, tmp_path: Path) -> None:
+    code = cli("-m", "seed=0,1", "debug=fdr", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+               f"hydra.sweep.dir={tmp_path / 's'}")
+    assert code == 2
+    assert "use trainer.strategy=ddp_spawn" in capsys.readouterr().err
+    assert not list((tmp_path / "s").rglob("results.json"))
