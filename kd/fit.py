@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-from hydra.utils import instantiate
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 from torch import nn
 
+from kd.errors import ConfigError, instantiate_checked
 from kd.losses.base import DistillationLoss
 from kd.module import DistillationModule
 
@@ -43,18 +45,46 @@ class FitResult:
     module: DistillationModule = field(repr=False)
 
 
+def build_optimization(cfg: DictConfig, prefix: str = "") -> tuple[Callable[..., Any], Callable[..., Any] | None]:
+    """The optimizer and scheduler factories of a config, checked by a dry run.
+
+    The factories are called on a dummy parameter and the scheduler is stepped through every
+    epoch, so a bad learning rate or schedule (``T_max=0``) fails now, not after an epoch.
+
+    Args:
+        cfg: A config with ``optimizer`` and (optionally) ``scheduler`` nodes.
+        prefix: Where those nodes sit, for error messages (``teacher.recipe.``).
+
+    Raises:
+        ConfigError: When either cannot be built or used.
+    """
+    optimizer = instantiate_checked(cfg.optimizer, f"{prefix}optimizer")
+    node = cfg.get("scheduler")
+    scheduler = instantiate_checked(node, f"{prefix}scheduler") if node else None
+    param = nn.Parameter(torch.zeros(1))
+    try:
+        opt = optimizer([param])
+    except Exception as e:
+        raise ConfigError(f"{prefix}optimizer", f"{type(e).__name__}: {e}") from e
+    if scheduler is not None:
+        try:
+            sched = scheduler(opt)
+            for _ in range(int(cfg.trainer.max_epochs or 1)):
+                opt.step()
+                sched.step()
+        except Exception as e:
+            raise ConfigError(f"{prefix}scheduler", f"fails when stepped: {type(e).__name__}: {e}") from e
+    return optimizer, scheduler
+
+
 def _floats(metrics: dict[str, Any], prefix: str) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if k.startswith(prefix)}
 
 
-def evaluate(cfg: DictConfig, module: L.LightningModule, datamodule: L.LightningDataModule) -> dict[str, float]:
-    """Val and test metrics of a module as it is, with the run's trainer settings and no logging."""
-    trainer = instantiate(
-        cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False,
-    )
-    val = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
-    test = trainer.test(module, datamodule=datamodule, verbose=False)[0]
+def evaluate(trainer: L.Trainer, module: L.LightningModule, datamodule: L.LightningDataModule, ckpt_path: str | None = None) -> dict[str, float]:
+    """Val and test metrics of a module's current weights, or of a checkpoint's."""
+    val = trainer.validate(module, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)[0]
+    test = trainer.test(module, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)[0]
     return {**_floats(val, "val/"), **_floats(test, "test/")}
 
 
@@ -65,57 +95,42 @@ def fit(
     criterion: DistillationLoss,
     datamodule: L.LightningDataModule,
     teacher: nn.Module | None,
-    callbacks: list[Callback],
-    loggers: list[Any],
+    trainer: L.Trainer,
 ) -> FitResult:
-    """Trains, then tests the final weights and the best-validation checkpoint.
+    """Trains, then evaluates the final weights and the best-validation checkpoint.
 
     Model selection never looks at the test set: the checkpoint is chosen on ``val``, and both
     the final-epoch and the selected weights are tested once, at the end.
 
     Args:
-        cfg: The composed run config (``optimizer``, ``scheduler``, ``trainer`` are read).
+        cfg: The run config (``optimizer``, ``scheduler`` and ``trainer.max_epochs`` are read).
         student: The network to train, already built for the data.
         criterion: The distillation method.
         datamodule: The data.
         teacher: The frozen teacher, or None.
-        callbacks: Lightning callbacks.
-        loggers: Lightning loggers (may be empty).
+        trainer: The Lightning trainer, with its callbacks and loggers.
 
     Returns:
         The measured metrics and the trained module.
     """
-    scheduler = cfg.get("scheduler")
+    optimizer, scheduler = build_optimization(cfg)
     module = DistillationModule(
-        student=student,
-        criterion=criterion,
-        optimizer=instantiate(cfg.optimizer),
-        num_classes=datamodule.num_classes,
-        teacher=teacher,
-        scheduler=instantiate(scheduler) if scheduler else None,
+        student=student, criterion=criterion, optimizer=optimizer,
+        num_classes=datamodule.num_classes, teacher=teacher, scheduler=scheduler,
     )
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     trainer.fit(module, datamodule=datamodule)
-    final_val = _floats(trainer.callback_metrics, "val/")
-    final_test = _floats(trainer.test(module, datamodule=datamodule, verbose=False)[0], "test/")
-    final = {**final_val, **final_test}
+    final = evaluate(trainer, module, datamodule)
 
     ckpt = trainer.checkpoint_callback
-    best_path = ckpt.best_model_path if isinstance(ckpt, ModelCheckpoint) else ""
-    if not best_path or ckpt.monitor is None:
+    best_path = ckpt.best_model_path if isinstance(ckpt, ModelCheckpoint) and ckpt.monitor else ""
+    if not best_path:
         return FitResult(final, final, "final", None, None, trainer.current_epoch, module)
-    val = trainer.validate(module, datamodule=datamodule, ckpt_path=best_path, verbose=False)[0]
-    test = trainer.test(module, datamodule=datamodule, ckpt_path=best_path, verbose=False)[0]
+    best = evaluate(trainer, module, datamodule, ckpt_path=best_path)
     best_epoch = _checkpoint_epoch(best_path)
     log.info("selected %s (epoch %s) on %s", Path(best_path).name, best_epoch, ckpt.monitor)
-    return FitResult(
-        {**_floats(val, "val/"), **_floats(test, "test/")},
-        final, "best_val", best_path, best_epoch, trainer.current_epoch, module,
-    )
+    return FitResult(best, final, "best_val", best_path, best_epoch, trainer.current_epoch, module)
 
 
 def _checkpoint_epoch(path: str) -> int | None:
-    import torch
-
     state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # reads no weights
     return int(state["epoch"]) if "epoch" in state else None

@@ -90,8 +90,10 @@ class DistillationModule(L.LightningModule):
         return self.student(x)
 
     def teacher_forward(self, x: Tensor) -> ModelOutput:
-        """The teacher's output, computed without autograd."""
+        """The teacher's output, computed without autograd and always in eval mode."""
         assert self.teacher is not None
+        if self.teacher.training:  # someone called teacher.train() directly
+            self.teacher.eval()
         with torch.no_grad():
             return ModelOutput(logits=self.teacher(x))
 
@@ -108,8 +110,8 @@ class DistillationModule(L.LightningModule):
         loss = torch.stack(list(terms.values())).sum()
         n = len(y)
         for name, value in terms.items():
-            self.log(f"train/loss_{name}", value, on_step=False, on_epoch=True, batch_size=n)
-        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=n)
+            self.log(f"train/loss_{name}", value, on_epoch=True, on_step=False, batch_size=n, sync_dist=True)
+        self.log("train/loss", loss, on_epoch=True, on_step=False, prog_bar=True, batch_size=n, sync_dist=True)
         self.train_metrics.update(student.logits.detach(), y)
         self.log_dict(self.train_metrics, on_step=False, on_epoch=True, batch_size=n)
         return loss
@@ -131,6 +133,19 @@ class DistillationModule(L.LightningModule):
     def on_train_epoch_end(self) -> None:
         optimizer = self.optimizers()
         self.log("train/lr", optimizer.param_groups[0]["lr"])  # type: ignore[union-attr]
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Leaves the frozen teacher out of checkpoints: it is restored from its own source."""
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith("teacher.")]:
+            del state[key]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Puts the current teacher's weights back, so a checkpoint without them loads strictly."""
+        if self.teacher is not None:
+            state = checkpoint["state_dict"]
+            for key, value in self.teacher.state_dict().items():
+                state.setdefault(f"teacher.{key}", value)
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(list(self.trainable_parameters()))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import random
 import time
 import warnings
 from datetime import datetime, timezone
@@ -10,11 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 import kd
 from kd.errors import ConfigError, instantiate_checked
-from kd.fit import fit
+from kd.fit import build_optimization, fit
 from kd.models.build import build_model, count_parameters
 from kd.results import RESULTS_FILE, git_info, summary_table, write_json_atomic
 from kd.teacher import resolve_teacher
@@ -62,7 +63,15 @@ def check_launch(cfg: DictConfig) -> None:
     except ValueError:
         return
     strategy = str(cfg.trainer.get("strategy", "auto"))
-    relaunches = strategy.startswith("ddp") and not strategy.startswith(("ddp_spawn", "ddp_fork", "ddp_notebook"))
+    devices = cfg.trainer.get("devices", "auto")
+    one_device = devices in (1, "1") or (devices == "auto" and cfg.trainer.get("accelerator") == "cpu") or (
+        isinstance(devices, (list, ListConfig)) and len(devices) == 1
+    )
+    several = not one_device or int(cfg.trainer.get("num_nodes", 1)) > 1
+    # "auto" with several devices becomes Lightning's script-relaunching "ddp"
+    relaunches = (strategy == "auto" and several) or (
+        strategy.startswith("ddp") and not strategy.startswith(("ddp_spawn", "ddp_fork", "ddp_notebook"))
+    )
     launcher = str(hydra_cfg.launcher.get("_target_", ""))
     if hydra_cfg.mode == RunMode.MULTIRUN and relaunches and "submitit" not in launcher:
         raise ConfigError(
@@ -70,6 +79,23 @@ def check_launch(cfg: DictConfig) -> None:
             "re-run the whole sweep; use trainer.strategy=ddp_spawn in a multirun, or a SLURM "
             "launcher (one job per DDP group)"
         )
+
+
+def check_seed(cfg: DictConfig) -> int:
+    """The run's seed: ``cfg.seed``, or a fresh one written into ``cfg`` when it is null.
+
+    Raises:
+        ConfigError: If the seed is not an integer in ``[0, 2**32)``.
+    """
+    seed = cfg.get("seed")
+    if seed is None:
+        seed = random.SystemRandom().randrange(2**31)
+        with open_dict(cfg):
+            cfg.seed = seed
+        log.info("seed=null: drew seed %d (recorded in results.json)", seed)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise ConfigError("seed", f"must be an integer in [0, 2**32), got {seed!r}")
+    return seed
 
 
 def instantiate_group(node: DictConfig | None, key: str) -> list[Any]:
@@ -105,27 +131,29 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "paths.output_dir", f"{output_dir} already holds the {RESULTS_FILE} of another run; "
             "give the run a new directory (hydra.run.dir=...)"
         )
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    seed = check_seed(cfg)
+    L.seed_everything(seed, workers=True, verbose=False)
     datamodule = instantiate_checked(cfg.data, "data")
     criterion = instantiate_checked(cfg.distill, "distill")
     shape = tuple(datamodule.input_shape)
     student = build_model(cfg.model.student, key="model.student", num_classes=datamodule.num_classes, input_shape=shape)
-    callbacks = instantiate_group(cfg.get("callbacks"), "callbacks")
+    build_optimization(cfg)
     loggers = instantiate_group(cfg.get("logger"), "logger")
+    trainer = instantiate_checked(
+        cfg.trainer, "trainer", callbacks=instantiate_group(cfg.get("callbacks"), "callbacks"),
+        logger=loggers or False,
+    )
 
     teacher, teacher_info = None, None
     if criterion.requires_teacher:
         teacher, teacher_info = resolve_teacher(cfg, datamodule)
 
     # Data order and dropout must not depend on whether the teacher was trained in this run.
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    L.seed_everything(seed, workers=True, verbose=False)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     for logger in loggers:
         logger.log_hyperparams(resolved)
-    result = fit(
-        cfg, student=student, criterion=criterion, datamodule=datamodule, teacher=teacher,
-        callbacks=callbacks, loggers=loggers,
-    )
+    result = fit(cfg, student=student, criterion=criterion, datamodule=datamodule, teacher=teacher, trainer=trainer)
     results = {
         "kd_version": kd.__version__,
         "git": git_info(),
@@ -135,7 +163,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "run_dir": str(output_dir),
         "overrides": task_overrides(),
         "method": type(criterion).__name__,
-        "seed": cfg.seed,
+        "seed": seed,
         "data": {"name": type(datamodule).__name__, "num_classes": datamodule.num_classes, "input_shape": list(shape)},
         "teacher": teacher_info.as_dict() if teacher_info else None,
         "student": {

@@ -31,8 +31,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 import kd
-from kd.errors import ConfigError
-from kd.fit import evaluate, fit
+from kd.errors import ConfigError, instantiate_checked
+from kd.fit import build_optimization, evaluate, fit
 from kd.models.build import build_model, count_parameters
 from kd.module import DistillationModule
 from kd.results import write_json_atomic
@@ -40,13 +40,14 @@ from kd.results import write_json_atomic
 log = logging.getLogger(__name__)
 
 STORE_FORMAT = 1
-# Settings that change how a run looks or where it writes, not the weights it ends with.
-_COSMETIC_TRAINER_KEYS = {
-    "_target_", "default_root_dir", "enable_progress_bar", "enable_model_summary",
-    "log_every_n_steps", "num_sanity_val_steps", "enable_checkpointing", "accelerator",
-    "profiler", "logger", "callbacks", "barebones",
+# Trainer settings of the teacher run that do not decide its weights: left out of the store key.
+_UNKEYED_TRAINER = {
+    "_target_", "default_root_dir", "accelerator", "devices", "num_nodes", "enable_progress_bar",
+    "enable_model_summary", "log_every_n_steps", "num_sanity_val_steps", "deterministic",
 }
-_COSMETIC_DATA_KEYS = {"num_workers", "eval_batch_size", "pin_memory", "persistent_workers", "root", "data_dir"}
+# Settings of the run's trainer that the teacher run inherits (where and how it runs, not what).
+_INHERITED_TRAINER = ("_target_", "accelerator", "enable_progress_bar", "log_every_n_steps", "deterministic")
+_UNKEYED_DATA = {"num_workers", "eval_batch_size", "pin_memory", "persistent_workers", "root", "data_dir"}
 _PLACEHOLDER_DIR = "<teacher-run>"
 
 
@@ -73,20 +74,29 @@ class TeacherInfo:
 
 
 def teacher_run_config(cfg: DictConfig) -> DictConfig:
-    """The config of the run that trains ``cfg``'s teacher: same data and trainer, no teacher.
+    """The config of the run that trains ``cfg``'s teacher: same data, no teacher, its own recipe.
 
-    The teacher becomes the student, the loss plain cross-entropy, and the optimizer, scheduler,
-    epochs and seed come from ``teacher.recipe``.
+    The teacher becomes the student and the loss plain cross-entropy. Its optimizer, scheduler,
+    epochs, seed, batch size and trainer settings (``teacher.recipe.trainer``: precision,
+    clipping, ...) come from ``teacher.recipe``, never from the student run, so a sweep over the
+    student's settings shares one teacher. It runs on one device of the run's accelerator.
     """
     tcfg = copy.deepcopy(cfg)
     recipe = cfg.teacher.recipe
+    trainer = {k: cfg.trainer[k] for k in _INHERITED_TRAINER if k in cfg.trainer}
+    trainer.update(
+        default_root_dir="${paths.output_dir}", devices=1, num_nodes=1, num_sanity_val_steps=0,
+        enable_model_summary=False, max_epochs=recipe.max_epochs,
+    )
     with open_dict(tcfg):
         tcfg.model.student = cfg.model.teacher
         tcfg.distill = {"_target_": "kd.losses.CrossEntropy"}
         tcfg.optimizer = recipe.optimizer
         tcfg.scheduler = recipe.get("scheduler")
-        tcfg.trainer.max_epochs = recipe.max_epochs
         tcfg.seed = recipe.seed
+        tcfg.trainer = OmegaConf.merge(trainer, recipe.get("trainer") or {})
+        if "batch_size" in tcfg.data and recipe.get("batch_size"):
+            tcfg.data.batch_size = recipe.batch_size
         tcfg.paths.output_dir = _PLACEHOLDER_DIR
     return tcfg
 
@@ -96,17 +106,15 @@ def store_key(tcfg: DictConfig) -> tuple[str, dict[str, Any]]:
     def resolved(node: Any) -> Any:
         return OmegaConf.to_container(node, resolve=True) if node is not None else None
 
-    trainer = {k: v for k, v in resolved(tcfg.trainer).items() if k not in _COSMETIC_TRAINER_KEYS}
-    data = {k: v for k, v in resolved(tcfg.data).items() if k not in _COSMETIC_DATA_KEYS}
     keyed = {
         "format": STORE_FORMAT,
         "model": resolved(tcfg.model.student),
-        "data": data,
+        "data": {k: v for k, v in resolved(tcfg.data).items() if k not in _UNKEYED_DATA},
         "criterion": resolved(tcfg.distill),
         "optimizer": resolved(tcfg.optimizer),
         "scheduler": resolved(tcfg.get("scheduler")),
         "seed": tcfg.seed,
-        "trainer": trainer,
+        "trainer": {k: v for k, v in resolved(tcfg.trainer).items() if k not in _UNKEYED_TRAINER},
     }
     digest = hashlib.sha256(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()
     name = str(keyed["model"].get("_target_", "model")).rsplit(".", 1)[-1].lower()
@@ -160,27 +168,42 @@ def load_weights(net: nn.Module, path: Path, key: str = "teacher.ckpt") -> None:
     net.load_state_dict(state)
 
 
+def _multi_process_launch() -> bool:
+    """Whether this process is one of several started by torchrun, SLURM or Lightning's DDP."""
+    return any(int(os.environ.get(v, "1") or 1) > 1 for v in ("WORLD_SIZE", "SLURM_NTASKS")) or (
+        "LOCAL_RANK" in os.environ and os.environ.get("LOCAL_RANK") != "0"
+    )
+
+
+def _teacher_trainer(tcfg: DictConfig, key: str, **kwargs: Any) -> L.Trainer:
+    return instantiate_checked(tcfg.trainer, key, **kwargs)
+
+
 def resolve_teacher(
     cfg: DictConfig, datamodule: L.LightningDataModule
 ) -> tuple[nn.Module, TeacherInfo]:
     """Builds the teacher and gives it weights: from ``teacher.ckpt``, the store, or training.
 
-    Everything that can be checked is checked before a teacher is trained.
+    Everything that can be checked is checked before a teacher is trained: the checkpoint, the
+    architecture against the data, the recipe's optimizer, scheduler and trainer.
 
     Raises:
-        ConfigError: On a bad checkpoint, a model that does not fit the data, or when no
-            teacher is available and ``teacher.train_if_missing`` is false.
+        ConfigError: On a bad checkpoint, a model that does not fit the data, a bad recipe, or
+            when no teacher is available and it cannot be trained here.
     """
     shape = tuple(datamodule.input_shape)
     net = build_model(cfg.model.teacher, key="model.teacher", num_classes=datamodule.num_classes, input_shape=shape)
+    tcfg = teacher_run_config(cfg)
     if cfg.teacher.ckpt:
         path = Path(cfg.teacher.ckpt)
         load_weights(net, path)
-        metrics = evaluate(cfg, _as_student(net, datamodule.num_classes), datamodule) if cfg.teacher.get("evaluate", True) else {}
+        metrics: dict[str, float] = {}
+        if cfg.teacher.get("evaluate", True):
+            trainer = _teacher_trainer(tcfg, "teacher.recipe.trainer", logger=False, enable_checkpointing=False)
+            metrics = evaluate(trainer, _as_student(net, datamodule.num_classes), datamodule)
         log.info("teacher loaded from %s", path)
         return net, TeacherInfo("checkpoint", str(path), count_parameters(net), metrics)
 
-    tcfg = teacher_run_config(cfg)
     key, keyed = store_key(tcfg)
     store = Path(cfg.teacher.store_dir)
     entry = store / key
@@ -191,10 +214,18 @@ def resolve_teacher(
                 "teacher.ckpt", f"no teacher given and none stored at {entry}; give "
                 "teacher.ckpt=PATH or set teacher.train_if_missing=true"
             )
+        if _multi_process_launch():
+            raise ConfigError(
+                "teacher.ckpt", f"no teacher stored at {entry}, and kd does not train one inside "
+                "a multi-process launch; run the same command once on a single device first "
+                "(it trains and stores the teacher), or give teacher.ckpt=PATH"
+            )
+        build_optimization(tcfg, prefix="teacher.recipe.")
+        _teacher_trainer(tcfg, "teacher.recipe.trainer", logger=False, enable_checkpointing=False)
         store.mkdir(parents=True, exist_ok=True)
         with FileLock(str(store / f"{key}.lock")):
             if not (entry / "meta.json").is_file():  # another run may have trained it meanwhile
-                _train_into_store(tcfg, keyed, datamodule, entry)
+                _train_into_store(tcfg, keyed, entry)
                 trained = True
     meta = json.loads((entry / "meta.json").read_text())
     load_weights(net, entry / "teacher.pt", key=f"teacher store entry {entry}")
@@ -215,32 +246,35 @@ def _as_student(net: nn.Module, num_classes: int) -> DistillationModule:
     return DistillationModule(net, CrossEntropy(), optimizer=torch.optim.SGD, num_classes=num_classes)
 
 
-def _train_into_store(tcfg: DictConfig, keyed: dict[str, Any], datamodule: L.LightningDataModule, entry: Path) -> None:
-    """Trains the teacher of a teacher run config and moves the finished entry to ``entry``."""
+def _train_into_store(tcfg: DictConfig, keyed: dict[str, Any], entry: Path) -> None:
+    """Trains the teacher of a teacher run config and moves the finished entry to ``entry``.
+
+    Runs under the entry's lock, so any temporary directory of this key is a leftover of a
+    crashed run and is removed.
+    """
+    for stale in entry.parent.glob(f".{entry.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = entry.with_name(f".{entry.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     run_dir = tmp / "run"
     with open_dict(tcfg):
         tcfg.paths.output_dir = str(run_dir)
     log.info("no stored teacher %s: training it now (%s epochs)", entry.name, tcfg.trainer.max_epochs)
     start = time.time()
-    L.seed_everything(tcfg.seed, workers=True)
+    L.seed_everything(tcfg.seed, workers=True, verbose=False)
+    datamodule = instantiate_checked(tcfg.data, "data")  # the recipe's batch size
     net = build_model(
         tcfg.model.student, key="model.teacher", num_classes=datamodule.num_classes,
         input_shape=tuple(datamodule.input_shape),
     )
-    result = fit(
-        tcfg,
-        student=net,
-        criterion=instantiate(tcfg.distill),
-        datamodule=datamodule,
-        teacher=None,
-        callbacks=[ModelCheckpoint(
-            dirpath=run_dir / "checkpoints", monitor="val/acc", mode="max",
-            filename="epoch{epoch:03d}-step{step}", auto_insert_metric_name=False,
-        )],
-        loggers=[CSVLogger(str(run_dir), name="csv", version="")],
+    checkpoint = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints", monitor="val/acc", mode="max",
+        filename="epoch{epoch:03d}-step{step}", auto_insert_metric_name=False,
     )
+    trainer = _teacher_trainer(
+        tcfg, "teacher.recipe.trainer", callbacks=[checkpoint],
+        logger=[CSVLogger(str(run_dir), name="csv", version="")],
+    )
+    result = fit(tcfg, student=net, criterion=instantiate(tcfg.distill), datamodule=datamodule, teacher=None, trainer=trainer)
     torch.save(result.module.student.state_dict(), tmp / "teacher.pt")
     meta = {
         "key": entry.name,
@@ -258,4 +292,7 @@ def _train_into_store(tcfg: DictConfig, keyed: dict[str, Any], datamodule: L.Lig
     if entry.exists():  # an incomplete entry (no meta.json) left by hand: replace it
         shutil.rmtree(entry)
     os.replace(tmp, entry)
-    log.info("stored teacher %s (val acc %.4f, test acc %.4f)", entry, meta["metrics"].get("val/acc", float("nan")), meta["metrics"].get("test/acc", float("nan")))
+    log.info(
+        "stored teacher %s (val acc %.4f, test acc %.4f)", entry,
+        meta["metrics"].get("val/acc", float("nan")), meta["metrics"].get("test/acc", float("nan")),
+    )

@@ -26,7 +26,7 @@ def test_bad_value_is_one_line_on_stderr_with_exit_status_2(cli, capsys, tmp_pat
     code = cli("debug=fdr", "distill.temperature=-1", f"hydra.run.dir={tmp_path / 'r'}")
     err = capsys.readouterr().err.strip()
     assert code == 2
-    assert err == "kd-train: error: distill.temperature: must be > 0 (it divides the logits), got -1"
+    assert err == "kd-train: error: distill.temperature: must be > 0 and finite (it divides the logits), got -1"
     assert not (tmp_path / "r" / "results.json").exists()
 
 
@@ -56,3 +56,19 @@ def test_multirun_with_script_relaunching_ddp_is_refused(cli, capsys, tmp_path: 
     assert code == 2
     assert "use trainer.strategy=ddp_spawn" in capsys.readouterr().err
     assert not list((tmp_path / "s").rglob("results.json"))
+
+
+def test_multirun_with_several_devices_and_auto_strategy_is_refused(cli, capsys, tmp_path: Path) -> None:
+    # strategy "auto" on 2 devices is Lightning's script-relaunching ddp
+    code = cli("-m", "seed=0,1", "debug=fdr", "trainer.devices=2", f"hydra.sweep.dir={tmp_path / 's'}")
+    assert code == 2 and "use trainer.strategy=ddp_spawn" in capsys.readouterr().err
+
+
+def test_a_finished_run_directory_is_left_untouched(cli, capsys, tmp_path: Path) -> None:
+    run_dir = tmp_path / "r"
+    assert cli("debug=fdr", "distill=none", f"hydra.run.dir={run_dir}") == 0
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    code = cli("debug=fdr", "distill=none", "seed=7", f"hydra.run.dir={run_dir}")
+    assert code == 2 and "already holds the results of another run" in capsys.readouterr().err
+    after = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    assert after == before  # .hydra/config.yaml included

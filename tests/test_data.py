@@ -23,11 +23,10 @@ def test_split_sizes_cover_the_data_once() -> None:
     sizes = {k: len(v) for k, v in dm.splits.items()}
     assert sum(sizes.values()) == 1797
     assert sizes["test"] == math.ceil(0.2 * 1797) and sizes["val"] == pytest.approx(0.15 * 1797, abs=1)
-    inputs = torch.cat([dm.splits[s].inputs.flatten(1) for s in ("train", "val", "test")])
-    # no image lands in two splits (the data has a few exact duplicates, so compare index sets)
-    idx = stratified_split(np.arange(1797) % 10, dm.fractions, 0)
-    assert len(np.unique(np.concatenate(list(idx.values())))) == 1797
-    assert inputs.shape == (1797, 64)
+    # every sample of load_digits() lands in exactly one split
+    idx = np.concatenate([dm.split_indices[s] for s in ("train", "val", "test")])
+    assert np.array_equal(np.sort(idx), np.arange(1797))
+    assert all(len(dm.split_indices[s]) == sizes[s] for s in sizes)
 
 
 def test_split_is_stratified_and_seeded() -> None:

@@ -44,11 +44,25 @@ def test_typo_in_a_config_key_is_refused(tmp_path: Path) -> None:
         ("+model.teacher.num_classes=100", "model.teacher.num_classes", "the data has 10"),
         ("model.student.channels=[]", "model.student.channels", "positive widths"),
         ("teacher.train_if_missing=false", "teacher.ckpt", "none stored"),
+        ("distill.temperature=inf", "distill.temperature", "finite"),
+        ("+model.student.num_classes=ten", "model.student.num_classes", "must be an integer"),
+        ("seed=-1", "seed", "[0, 2**32)"),
+        ("seed=abc", "seed", "[0, 2**32)"),
+        ("data.split_seed=-1", "data.split_seed", ">= 0"),
+        ("data.num_workers=-1", "data.num_workers", ">= 0"),
+        ("optimizer.lr=-1", "optimizer", "Invalid learning rate"),
+        ("scheduler.T_max=0", "scheduler", "fails when stepped"),
+        ("teacher.recipe.optimizer.lr=-1", "teacher.recipe.optimizer", "Invalid learning rate"),
+        ("teacher.recipe.scheduler.T_max=0", "teacher.recipe.scheduler", "fails when stepped"),
+        ("teacher.recipe.trainer.precision=fp7", "teacher.recipe.trainer", "fp7"),
+        ("trainer.precision=fp7", "trainer", "fp7"),
+        ("trainer.enable_checkpointing=false", "trainer", "ModelCheckpoint"),
+        ("distill=none distill.label_smoothing=1", "distill.label_smoothing", "[0, 1)"),
     ],
 )
 def test_bad_values_fail_before_training(make_cfg, tmp_path: Path, override: str, key: str, text: str) -> None:
     with pytest.raises(ConfigError) as err:
-        run(make_cfg(override))
+        run(make_cfg(*override.split()))
     assert err.value.key == key
     assert text in err.value.message and "\n" not in str(err.value)
     _assert_nothing_trained(tmp_path / "run")
@@ -94,3 +108,19 @@ def test_results_of_an_earlier_run_are_never_overwritten(make_cfg, tmp_path: Pat
     with pytest.raises(ConfigError, match="already holds the results.json"):
         run(make_cfg())
     assert (tmp_path / "run" / "results.json").read_text() == '{"earlier": true}'
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
+def test_gpu_trainer_without_a_gpu(make_cfg, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot build lightning.pytorch.Trainer") as err:
+        run(make_cfg("trainer=gpu"))
+    assert err.value.key == "trainer" and "\n" not in str(err.value)
+    _assert_nothing_trained(tmp_path / "run")
+    assert not list(tmp_path.rglob("teacher.pt"))
+
+
+def test_no_teacher_is_trained_inside_a_multi_process_launch(make_cfg, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="run the same command once on a single device first"):
+        run(make_cfg())
+    assert not list(tmp_path.rglob("teacher.pt"))

@@ -52,6 +52,14 @@ def test_kd_gradient_wrt_student_logits(T: float) -> None:
     torch.testing.assert_close(s.grad, expected, rtol=1e-10, atol=1e-12)
 
 
+def test_kd_loss_of_half_precision_logits_is_computed_in_fp32() -> None:
+    torch.manual_seed(0)
+    s, t = torch.randn(4, 100) * 5, torch.randn(4, 100) * 5
+    low = kd_loss(s.bfloat16(), t.bfloat16(), 4.0)
+    assert low.dtype == torch.float32
+    assert low.item() == pytest.approx(kd_loss(s.bfloat16().float(), t.bfloat16().float(), 4.0).item(), rel=1e-6)
+
+
 def test_kd_loss_is_zero_when_student_equals_teacher_and_positive_otherwise() -> None:
     z = torch.randn(5, 10)
     assert kd_loss(z, z.clone(), 4.0).item() == pytest.approx(0.0, abs=1e-6)

@@ -85,6 +85,9 @@ def test_train_mode_never_reaches_the_teacher() -> None:
     assert not any(m.training for m in module.teacher.modules())
     module.eval()
     assert not module.student.training
+    module.teacher.train()  # behind the module's back: the next teacher forward runs in eval mode
+    module.teacher_forward(torch.zeros(2, 1, 8, 8))
+    assert not module.teacher.training
 
 
 def test_terms_are_summed_and_logged_by_name(tmp_path) -> None:

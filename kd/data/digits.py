@@ -48,8 +48,11 @@ class DigitsDataModule(L.LightningDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__()
-        if batch_size < 1:
-            raise ConfigError("batch_size", f"must be >= 1, got {batch_size}")
+        for name, value, low in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0), ("split_seed", split_seed, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(name, f"must be an integer >= {low}, got {value!r}")
+        if eval_batch_size is not None and (not isinstance(eval_batch_size, int) or eval_batch_size < 1):
+            raise ConfigError("eval_batch_size", f"must be an integer >= 1 or null, got {eval_batch_size!r}")
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or 4 * batch_size
         self.num_workers = num_workers
@@ -57,6 +60,7 @@ class DigitsDataModule(L.LightningDataModule):
         self.split_seed = split_seed
         stratified_split(np.arange(20) % 2, self.fractions, 0)  # checks the fractions now
         self.splits: dict[str, IndexedTensorDataset] = {}
+        self.split_indices: dict[str, np.ndarray] = {}  # indices into load_digits(), per split
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
@@ -65,6 +69,7 @@ class DigitsDataModule(L.LightningDataModule):
         images = torch.as_tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (N,1,8,8)
         labels = np.asarray(digits.target)
         parts = stratified_split(labels, self.fractions, self.split_seed)
+        self.split_indices = parts
         train = images[parts["train"]]
         mean, std = train.mean(), train.std()
         for name, idx in parts.items():

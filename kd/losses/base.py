@@ -25,14 +25,17 @@ class DistillationLoss(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} must implement forward")
 
 
-def check_weight(name: str, value: float, low: float = 0.0, high: float | None = None) -> float:
-    """Checks a loss weight or hyperparameter lies in ``[low, high]``.
+def check_weight(
+    name: str, value: float, low: float = 0.0, high: float | None = None, high_open: bool = False
+) -> float:
+    """Checks a loss weight or hyperparameter lies in ``[low, high]`` (``[low, high)`` if ``high_open``).
 
     Raises:
-        ConfigError: When it does not; the message names the argument and the valid range.
+        ConfigError: When it does not (NaN never does); the message names the valid range.
     """
     value = float(value)
-    if value != value or value < low or (high is not None and value > high):  # NaN fails too
-        valid = f"[{low:g}, {high:g}]" if high is not None else f">= {low:g}"
+    above = high is not None and (value >= high if high_open else value > high)
+    if value != value or value < low or above or value == float("inf"):
+        valid = f"[{low:g}, {high:g}{')' if high_open else ']'}" if high is not None else f">= {low:g}"
         raise ConfigError(name, f"must be in {valid}, got {value:g}")
     return value

@@ -23,9 +23,7 @@ class CrossEntropy(DistillationLoss):
 
     def __init__(self, label_smoothing: float = 0.0) -> None:
         super().__init__()
-        self.label_smoothing = check_weight("label_smoothing", label_smoothing, 0.0, 1.0)
-        if self.label_smoothing == 1.0:
-            check_weight("label_smoothing", float("nan"))
+        self.label_smoothing = check_weight("label_smoothing", label_smoothing, 0.0, 1.0, high_open=True)
 
     def forward(
         self, student: ModelOutput, teacher: ModelOutput | None, batch: Batch

@@ -8,6 +8,9 @@ which shrinks as 1/T^2, keeps its magnitude relative to the hard-label term as T
 
 from __future__ import annotations
 
+import math
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -29,8 +32,11 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) 
     Returns:
         A scalar tensor.
     """
-    log_p_s = F.log_softmax(student_logits / temperature, dim=-1)  # (B, C)
-    log_p_t = F.log_softmax(teacher_logits / temperature, dim=-1)  # (B, C)
+    # In fp32 even under bf16/fp16 autocast: softmax(z / T) of low-precision logits loses the
+    # small differences between non-target classes that carry the "dark knowledge".
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    log_p_s = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)  # (B, C)
+    log_p_t = F.log_softmax(teacher_logits.to(dtype) / temperature, dim=-1)  # (B, C)
     kl = F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
     return kl * temperature**2
 
@@ -51,9 +57,9 @@ class KDLoss(DistillationLoss):
     def __init__(self, temperature: float = 4.0, alpha: float = 0.9) -> None:
         super().__init__()
         temperature = float(temperature)
-        if not temperature > 0:
+        if not 0 < temperature < math.inf:
             raise ConfigError(
-                "temperature", f"must be > 0 (it divides the logits), got {temperature:g}"
+                "temperature", f"must be > 0 and finite (it divides the logits), got {temperature:g}"
             )
         self.temperature = temperature
         self.alpha = check_weight("alpha", alpha, 0.0, 1.0)

@@ -53,7 +53,9 @@ def build_model(
     kwargs: dict[str, Any] = {}
     for name, value in (("num_classes", num_classes), ("in_channels", input_shape[0])):
         given = node.get(name)
-        if given is not None and int(given) != value:
+        if given is not None and (isinstance(given, bool) or not isinstance(given, int)):
+            raise ConfigError(f"{key}.{name}", f"must be an integer, got {given!r}")
+        if given is not None and given != value:
             raise ConfigError(
                 f"{key}.{name}",
                 f"is {given} but the data has {value}; remove the override "
