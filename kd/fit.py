@@ -89,13 +89,13 @@ def evaluate(trainer: L.Trainer, module: L.LightningModule, datamodule: L.Lightn
 
 
 def fit(
-    cfg: DictConfig,
     *,
     student: nn.Module,
     criterion: DistillationLoss,
     datamodule: L.LightningDataModule,
     teacher: nn.Module | None,
     trainer: L.Trainer,
+    optimization: tuple[Callable[..., Any], Callable[..., Any] | None],
 ) -> FitResult:
     """Trains, then evaluates the final weights and the best-validation checkpoint.
 
@@ -103,17 +103,17 @@ def fit(
     the final-epoch and the selected weights are tested once, at the end.
 
     Args:
-        cfg: The run config (``optimizer``, ``scheduler`` and ``trainer.max_epochs`` are read).
         student: The network to train, already built for the data.
         criterion: The distillation method.
         datamodule: The data.
         teacher: The frozen teacher, or None.
         trainer: The Lightning trainer, with its callbacks and loggers.
+        optimization: The optimizer and scheduler factories, from ``build_optimization``.
 
     Returns:
         The measured metrics and the trained module.
     """
-    optimizer, scheduler = build_optimization(cfg)
+    optimizer, scheduler = optimization
     module = DistillationModule(
         student=student, criterion=criterion, optimizer=optimizer,
         num_classes=datamodule.num_classes, teacher=teacher, scheduler=scheduler,

@@ -137,7 +137,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     criterion = instantiate_checked(cfg.distill, "distill")
     shape = tuple(datamodule.input_shape)
     student = build_model(cfg.model.student, key="model.student", num_classes=datamodule.num_classes, input_shape=shape)
-    build_optimization(cfg)
+    optimization = build_optimization(cfg)
     loggers = instantiate_group(cfg.get("logger"), "logger")
     trainer = instantiate_checked(
         cfg.trainer, "trainer", callbacks=instantiate_group(cfg.get("callbacks"), "callbacks"),
@@ -153,7 +153,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     for logger in loggers:
         logger.log_hyperparams(resolved)
-    result = fit(cfg, student=student, criterion=criterion, datamodule=datamodule, teacher=teacher, trainer=trainer)
+    result = fit(
+        student=student, criterion=criterion, datamodule=datamodule, teacher=teacher,
+        trainer=trainer, optimization=optimization,
+    )
     results = {
         "kd_version": kd.__version__,
         "git": git_info(),

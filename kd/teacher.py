@@ -220,12 +220,12 @@ def resolve_teacher(
                 "a multi-process launch; run the same command once on a single device first "
                 "(it trains and stores the teacher), or give teacher.ckpt=PATH"
             )
-        build_optimization(tcfg, prefix="teacher.recipe.")
+        optimization = build_optimization(tcfg, prefix="teacher.recipe.")
         _teacher_trainer(tcfg, "teacher.recipe.trainer", logger=False, enable_checkpointing=False)
         store.mkdir(parents=True, exist_ok=True)
         with FileLock(str(store / f"{key}.lock")):
             if not (entry / "meta.json").is_file():  # another run may have trained it meanwhile
-                _train_into_store(tcfg, keyed, entry)
+                _train_into_store(tcfg, keyed, entry, optimization)
                 trained = True
     meta = json.loads((entry / "meta.json").read_text())
     load_weights(net, entry / "teacher.pt", key=f"teacher store entry {entry}")
@@ -246,7 +246,9 @@ def _as_student(net: nn.Module, num_classes: int) -> DistillationModule:
     return DistillationModule(net, CrossEntropy(), optimizer=torch.optim.SGD, num_classes=num_classes)
 
 
-def _train_into_store(tcfg: DictConfig, keyed: dict[str, Any], entry: Path) -> None:
+def _train_into_store(
+    tcfg: DictConfig, keyed: dict[str, Any], entry: Path, optimization: tuple[Any, Any]
+) -> None:
     """Trains the teacher of a teacher run config and moves the finished entry to ``entry``.
 
     Runs under the entry's lock, so any temporary directory of this key is a leftover of a
@@ -274,7 +276,10 @@ def _train_into_store(tcfg: DictConfig, keyed: dict[str, Any], entry: Path) -> N
         tcfg, "teacher.recipe.trainer", callbacks=[checkpoint],
         logger=[CSVLogger(str(run_dir), name="csv", version="")],
     )
-    result = fit(tcfg, student=net, criterion=instantiate(tcfg.distill), datamodule=datamodule, teacher=None, trainer=trainer)
+    result = fit(
+        student=net, criterion=instantiate(tcfg.distill), datamodule=datamodule, teacher=None,
+        trainer=trainer, optimization=optimization,
+    )
     torch.save(result.module.student.state_dict(), tmp / "teacher.pt")
     meta = {
         "key": entry.name,
