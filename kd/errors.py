@@ -30,6 +30,27 @@ class ConfigError(ValueError):
         return ConfigError(f"{prefix}.{self.key}", self.message)
 
 
+def check_int(
+    name: str, value: Any, low: int | None = None, high: int | None = None, valid: str = ""
+) -> int:
+    """Checks ``value`` is an integer (not a bool) in ``[low, high)``.
+
+    Args:
+        name: The argument or config key, for the message.
+        value: The value to check.
+        low: Smallest allowed value, or None.
+        high: First disallowed value above, or None.
+        valid: How the message describes the allowed range (``">= 0"``).
+
+    Raises:
+        ConfigError: ``<name>: must be an integer <valid>, got <value>``.
+    """
+    ok = isinstance(value, int) and not isinstance(value, bool)
+    if not ok or (low is not None and value < low) or (high is not None and value >= high):
+        raise ConfigError(name, f"must be an integer{' ' + valid if valid else ''}, got {value!r}")
+    return value
+
+
 def instantiate_checked(node: Any, key: str, **kwargs: Any) -> Any:
     """``hydra.utils.instantiate`` whose failures become one-line ConfigErrors naming ``key``.
 

@@ -25,8 +25,9 @@ class RefuseUsedRunDir(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         sweep = Path(config.hydra.sweep.dir)
-        if sweep.is_dir() and any(sweep.rglob(RESULTS_FILE)):
-            self._refuse(sweep, "hydra.sweep.dir", found=next(sweep.rglob(RESULTS_FILE)))
+        found = next(sweep.rglob(RESULTS_FILE), None) if sweep.is_dir() else None
+        if found is not None:
+            self._refuse(sweep, "hydra.sweep.dir", found=found)
 
     @staticmethod
     def _refuse(run_dir: Path, key: str, found: Path | None = None) -> None:

@@ -14,7 +14,7 @@ import lightning as L
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 import kd
-from kd.errors import ConfigError, instantiate_checked
+from kd.errors import ConfigError, check_int, instantiate_checked
 from kd.fit import build_optimization, fit
 from kd.models.build import build_model, count_parameters
 from kd.results import RESULTS_FILE, git_info, summary_table, write_json_atomic
@@ -93,9 +93,7 @@ def check_seed(cfg: DictConfig) -> int:
         with open_dict(cfg):
             cfg.seed = seed
         log.info("seed=null: drew seed %d (recorded in results.json)", seed)
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
-        raise ConfigError("seed", f"must be an integer in [0, 2**32), got {seed!r}")
-    return seed
+    return check_int("seed", seed, 0, 2**32, valid="in [0, 2**32)")
 
 
 def instantiate_group(node: DictConfig | None, key: str) -> list[Any]:

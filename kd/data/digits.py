@@ -14,7 +14,7 @@ from sklearn.datasets import load_digits
 from torch.utils.data import DataLoader
 
 from kd.data.tensor import IndexedTensorDataset, stratified_split, to_long
-from kd.errors import ConfigError
+from kd.errors import check_int
 
 
 class DigitsDataModule(L.LightningDataModule):
@@ -49,10 +49,9 @@ class DigitsDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         for name, value, low in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0), ("split_seed", split_seed, 0)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ConfigError(name, f"must be an integer >= {low}, got {value!r}")
-        if eval_batch_size is not None and (not isinstance(eval_batch_size, int) or eval_batch_size < 1):
-            raise ConfigError("eval_batch_size", f"must be an integer >= 1 or null, got {eval_batch_size!r}")
+            check_int(name, value, low, valid=f">= {low}")
+        if eval_batch_size is not None:
+            check_int("eval_batch_size", eval_batch_size, 1, valid=">= 1 or null")
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or 4 * batch_size
         self.num_workers = num_workers

@@ -10,7 +10,7 @@ import torch
 from hydra.utils import get_object
 from torch import nn
 
-from kd.errors import ConfigError, instantiate_checked
+from kd.errors import ConfigError, check_int, instantiate_checked
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
@@ -53,9 +53,7 @@ def build_model(
     kwargs: dict[str, Any] = {}
     for name, value in (("num_classes", num_classes), ("in_channels", input_shape[0])):
         given = node.get(name)
-        if given is not None and (isinstance(given, bool) or not isinstance(given, int)):
-            raise ConfigError(f"{key}.{name}", f"must be an integer, got {given!r}")
-        if given is not None and given != value:
+        if given is not None and check_int(f"{key}.{name}", given) != value:
             raise ConfigError(
                 f"{key}.{name}",
                 f"is {given} but the data has {value}; remove the override "
