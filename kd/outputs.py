@@ -1,4 +1,4 @@
-"""The typed output every model yields to the distillation losses."""
+"""The typed outputs and data facts passed between models, datamodules and losses."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ class ModelOutput:
 
     Attributes:
         logits: Class scores, shape ``(B, num_classes)``.
-        features: Named intermediate activations a method asked for (empty for logit methods).
+        features: Named intermediate activations a method asked for, keyed by the module or FX
+            node name it gave (``layer2``, ``layer2.1.add``); empty for logit methods.
     """
 
     logits: Tensor
@@ -22,3 +23,19 @@ class ModelOutput:
 
 Batch = dict[str, Tensor]
 """A batch as every datamodule yields it: ``input`` (B, ...), ``target`` (B,), ``index`` (B,)."""
+
+
+@dataclass
+class DataInfo:
+    """What a method may need to know about the training data before training starts.
+
+    Attributes:
+        num_classes: Number of classes.
+        num_samples: Size of the training split; ``batch["index"]`` lies in ``[0, num_samples)``.
+        targets: ``(num_samples,)`` labels of the training split in index order, or None when
+            the datamodule does not provide sample indices.
+    """
+
+    num_classes: int
+    num_samples: int
+    targets: Tensor | None = None

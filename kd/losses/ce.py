@@ -22,10 +22,10 @@ class CrossEntropy(DistillationLoss):
     requires_teacher = False
 
     def __init__(self, label_smoothing: float = 0.0) -> None:
-        super().__init__()
+        super().__init__(ce_weight=0.0, weight=1.0)
         self.label_smoothing = check_weight("label_smoothing", label_smoothing, 0.0, 1.0, high_open=True)
 
-    def forward(
+    def loss_terms(
         self, student: ModelOutput, teacher: ModelOutput | None, batch: Batch
     ) -> dict[str, Tensor]:
         ce = F.cross_entropy(student.logits, batch["target"], label_smoothing=self.label_smoothing)
