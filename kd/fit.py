@@ -15,8 +15,10 @@ from omegaconf import DictConfig
 from torch import nn
 
 from kd.errors import ConfigError, instantiate_checked
+from kd.features import FeatureExtractor
 from kd.losses.base import DistillationLoss
 from kd.module import DistillationModule
+from kd.stages import run_stages
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +36,7 @@ class FitResult:
         best_epoch: Epoch of that checkpoint, or None.
         epochs: Epochs trained.
         module: The trained module, holding the selected weights.
+        stages: What the method's preliminary stages did (``kd.stages.run_stages``).
     """
 
     metrics: dict[str, float]
@@ -43,6 +46,7 @@ class FitResult:
     best_epoch: int | None
     epochs: int
     module: DistillationModule = field(repr=False)
+    stages: list[dict[str, Any]] = field(default_factory=list)
 
 
 def build_optimization(cfg: DictConfig, prefix: str = "") -> tuple[Callable[..., Any], Callable[..., Any] | None]:
@@ -96,6 +100,8 @@ def fit(
     teacher: nn.Module | None,
     trainer: L.Trainer,
     optimization: tuple[Callable[..., Any], Callable[..., Any] | None],
+    features: tuple[FeatureExtractor, FeatureExtractor | None] | None = None,
+    make_stage_trainer: Callable[[int], L.Trainer] | None = None,
 ) -> FitResult:
     """Trains, then evaluates the final weights and the best-validation checkpoint.
 
@@ -109,26 +115,41 @@ def fit(
         teacher: The frozen teacher, or None.
         trainer: The Lightning trainer, with its callbacks and loggers.
         optimization: The optimizer and scheduler factories, from ``build_optimization``.
+        features: The student's and teacher's feature extractors from
+            ``kd.method.prepare_method``; None when the method reads logits only.
+        make_stage_trainer: Builds the Trainer of a preliminary stage for a number of epochs;
+            needed when the method has stages.
 
     Returns:
         The measured metrics and the trained module.
     """
     optimizer, scheduler = optimization
+    student_fx, teacher_fx = features or (None, None)
     module = DistillationModule(
         student=student, criterion=criterion, optimizer=optimizer,
         num_classes=datamodule.num_classes, teacher=teacher, scheduler=scheduler,
+        student_features=student_fx, teacher_features=teacher_fx,
     )
+    stages = criterion.stages()
+    report: list[dict[str, Any]] = []
+    if stages:
+        if make_stage_trainer is None:
+            raise ValueError(f"{type(criterion).__name__} has stages but no make_stage_trainer was given")
+        report = run_stages(
+            stages, student_features=module.student_features, teacher_features=module.teacher_features,
+            datamodule=datamodule, optimizer=optimizer, make_trainer=make_stage_trainer,
+        )
     trainer.fit(module, datamodule=datamodule)
     final = evaluate(trainer, module, datamodule)
 
     ckpt = trainer.checkpoint_callback
     best_path = ckpt.best_model_path if isinstance(ckpt, ModelCheckpoint) and ckpt.monitor else ""
     if not best_path:
-        return FitResult(final, final, "final", None, None, trainer.current_epoch, module)
+        return FitResult(final, final, "final", None, None, trainer.current_epoch, module, report)
     best = evaluate(trainer, module, datamodule, ckpt_path=best_path)
     best_epoch = _checkpoint_epoch(best_path)
     log.info("selected %s (epoch %s) on %s", Path(best_path).name, best_epoch, ckpt.monitor)
-    return FitResult(best, final, "best_val", best_path, best_epoch, trainer.current_epoch, module)
+    return FitResult(best, final, "best_val", best_path, best_epoch, trainer.current_epoch, module, report)
 
 
 def _checkpoint_epoch(path: str) -> int | None:

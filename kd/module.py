@@ -13,6 +13,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from kd.errors import ConfigError
+from kd.features import FeatureExtractor
 from kd.losses.base import DistillationLoss
 from kd.outputs import Batch, ModelOutput
 
@@ -44,6 +45,9 @@ class DistillationModule(L.LightningModule):
         teacher: The frozen teacher, or None.
         scheduler: ``partial`` of an LR scheduler class, called with the optimizer, or None.
         scheduler_interval: ``"epoch"`` or ``"step"``: when the scheduler steps.
+        student_features: Extractor of the features ``criterion`` reads from the student (built
+            by ``kd.method.prepare_method``); None for logits only.
+        teacher_features: The same for the teacher.
 
     Raises:
         ConfigError: If the criterion needs a teacher and none is given.
@@ -58,6 +62,8 @@ class DistillationModule(L.LightningModule):
         teacher: nn.Module | None = None,
         scheduler: SchedulerFactory | None = None,
         scheduler_interval: str = "epoch",
+        student_features: FeatureExtractor | None = None,
+        teacher_features: FeatureExtractor | None = None,
     ) -> None:
         super().__init__()
         if criterion.requires_teacher and teacher is None:
@@ -70,6 +76,14 @@ class DistillationModule(L.LightningModule):
         if teacher is not None:
             teacher.requires_grad_(False)
             teacher.eval()
+        for name, extractor, model in (("student", student_features, student), ("teacher", teacher_features, teacher)):
+            if extractor is not None and extractor.model is not model:
+                raise ValueError(f"{name}_features was built for another model than the {name}")
+        # Not submodules: they share the models' weights and hold none of their own.
+        self.student_features = student_features or FeatureExtractor(student, [], key="", input_shape=())
+        self.teacher_features = teacher_features or (
+            FeatureExtractor(teacher, [], key="", input_shape=()) if teacher is not None else None
+        )
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.scheduler_interval = scheduler_interval
@@ -90,12 +104,12 @@ class DistillationModule(L.LightningModule):
         return self.student(x)
 
     def teacher_forward(self, x: Tensor) -> ModelOutput:
-        """The teacher's output, computed without autograd and always in eval mode."""
-        assert self.teacher is not None
+        """The teacher's logits and features, computed without autograd and always in eval mode."""
+        assert self.teacher is not None and self.teacher_features is not None
         if self.teacher.training:  # someone called teacher.train() directly
             self.teacher.eval()
         with torch.no_grad():
-            return ModelOutput(logits=self.teacher(x))
+            return self.teacher_features(x)
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         """Student and criterion parameters: everything the optimizer updates, never the teacher."""
@@ -104,9 +118,9 @@ class DistillationModule(L.LightningModule):
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         x, y = batch["input"], batch["target"]  # (B, ...), (B,)
-        student = ModelOutput(logits=self.student(x))
+        student = self.student_features(x)
         teacher = self.teacher_forward(x) if self.teacher is not None else None
-        terms = self.criterion(student, teacher, batch)
+        terms = self.criterion(student, teacher, batch, epoch=self.current_epoch)
         loss = torch.stack(list(terms.values())).sum()
         n = len(y)
         for name, value in terms.items():

@@ -6,14 +6,16 @@ import json
 import os
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 RESULTS_FILE = "results.json"
+STUDENT_WEIGHTS = "student.pt"  # the selected student's state_dict, for deployment
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Writes JSON to a temporary file beside ``path`` and renames it over ``path``.
+def _write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Writes through ``write`` to a temporary file beside ``path``, then renames it over ``path``.
 
     A reader sees the old file or the new one, never half of one.
     """
@@ -21,15 +23,27 @@ def write_json_atomic(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=False, default=str)
-            f.write("\n")
+        with os.fdopen(fd, "wb") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Writes ``data`` as JSON to ``path`` atomically."""
+    text = json.dumps(data, indent=2, sort_keys=False, default=str) + "\n"
+    _write_atomic(path, lambda f: f.write(text.encode()))
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    """``torch.save`` to ``path`` atomically."""
+    import torch
+
+    _write_atomic(path, lambda f: torch.save(obj, f))
 
 
 def git_info() -> dict[str, Any]:

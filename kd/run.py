@@ -17,7 +17,8 @@ import kd
 from kd.errors import ConfigError, check_int, instantiate_checked
 from kd.fit import build_optimization, fit
 from kd.models.build import build_model, count_parameters
-from kd.results import RESULTS_FILE, git_info, summary_table, write_json_atomic
+from kd.method import prepare_method
+from kd.results import RESULTS_FILE, STUDENT_WEIGHTS, git_info, save_atomic, summary_table, write_json_atomic
 from kd.teacher import resolve_teacher
 
 log = logging.getLogger(__name__)
@@ -134,7 +135,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     datamodule = instantiate_checked(cfg.data, "data")
     criterion = instantiate_checked(cfg.distill, "distill")
     shape = tuple(datamodule.input_shape)
-    student = build_model(cfg.model.student, key="model.student", num_classes=datamodule.num_classes, input_shape=shape)
+    fits = {"num_classes": datamodule.num_classes, "input_shape": shape}
+    student = build_model(cfg.model.student, key="model.student", **fits)
+    teacher = build_model(cfg.model.teacher, key="model.teacher", **fits) if criterion.requires_teacher else None
+    # feature nodes, sample indices and the method's learned parts, before any teacher training
+    features = prepare_method(criterion, student, teacher, datamodule, tracer=cfg.features_tracer)
     optimization = build_optimization(cfg)
     loggers = instantiate_group(cfg.get("logger"), "logger")
     trainer = instantiate_checked(
@@ -142,9 +147,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         logger=loggers or False,
     )
 
-    teacher, teacher_info = None, None
-    if criterion.requires_teacher:
-        teacher, teacher_info = resolve_teacher(cfg, datamodule)
+    teacher_info = None
+    if teacher is not None:
+        teacher, teacher_info = resolve_teacher(cfg, datamodule, net=teacher)
 
     # Data order and dropout must not depend on whether the teacher was trained in this run.
     L.seed_everything(seed, workers=True, verbose=False)
@@ -153,8 +158,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         logger.log_hyperparams(resolved)
     result = fit(
         student=student, criterion=criterion, datamodule=datamodule, teacher=teacher,
-        trainer=trainer, optimization=optimization,
+        trainer=trainer, optimization=optimization, features=features,
+        make_stage_trainer=lambda epochs: instantiate_checked(
+            cfg.trainer, "trainer", max_epochs=epochs, callbacks=[], logger=False,
+            enable_checkpointing=False, limit_val_batches=0, num_sanity_val_steps=0,
+        ),
     )
+    weights = output_dir / STUDENT_WEIGHTS
     results = {
         "kd_version": kd.__version__,
         "git": git_info(),
@@ -167,8 +177,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "seed": seed,
         "data": {"name": type(datamodule).__name__, "num_classes": datamodule.num_classes, "input_shape": list(shape)},
         "teacher": teacher_info.as_dict() if teacher_info else None,
+        "stages": result.stages,
         "student": {
             "params": count_parameters(student),
+            "weights": str(weights),
             "selected": result.selected,
             "best_epoch": result.best_epoch,
             "epochs": result.epochs,
@@ -179,6 +191,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "config": resolved,
     }
     if result.module.trainer.is_global_zero:
+        # the selected student alone: no teacher, no auxiliary modules of the method
+        save_atomic(result.module.student.state_dict(), weights)
         write_json_atomic(output_dir / RESULTS_FILE, results)
         print(summary_table(results), flush=True)
     return results

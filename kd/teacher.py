@@ -33,7 +33,7 @@ from torch import nn
 import kd
 from kd.errors import ConfigError, instantiate_checked
 from kd.fit import build_optimization, evaluate, fit
-from kd.models.build import build_model, count_parameters
+from kd.models.build import build_model, count_parameters, model_node
 from kd.module import DistillationModule
 from kd.results import write_json_atomic
 
@@ -108,7 +108,7 @@ def store_key(tcfg: DictConfig) -> tuple[str, dict[str, Any]]:
 
     keyed = {
         "format": STORE_FORMAT,
-        "model": resolved(tcfg.model.student),
+        "model": resolved(model_node(tcfg.model.student)),
         "data": {k: v for k, v in resolved(tcfg.data).items() if k not in _UNKEYED_DATA},
         "criterion": resolved(tcfg.distill),
         "optimizer": resolved(tcfg.optimizer),
@@ -180,9 +180,12 @@ def _teacher_trainer(tcfg: DictConfig, key: str, **kwargs: Any) -> L.Trainer:
 
 
 def resolve_teacher(
-    cfg: DictConfig, datamodule: L.LightningDataModule
+    cfg: DictConfig, datamodule: L.LightningDataModule, net: nn.Module | None = None
 ) -> tuple[nn.Module, TeacherInfo]:
     """Builds the teacher and gives it weights: from ``teacher.ckpt``, the store, or training.
+
+    ``net``, when given, is the teacher already built from ``model.teacher`` (by the run, to
+    prepare the method); the weights are loaded into it in place.
 
     Everything that can be checked is checked before a teacher is trained: the checkpoint, the
     architecture against the data, the recipe's optimizer, scheduler and trainer.
@@ -192,7 +195,8 @@ def resolve_teacher(
             when no teacher is available and it cannot be trained here.
     """
     shape = tuple(datamodule.input_shape)
-    net = build_model(cfg.model.teacher, key="model.teacher", num_classes=datamodule.num_classes, input_shape=shape)
+    if net is None:
+        net = build_model(cfg.model.teacher, key="model.teacher", num_classes=datamodule.num_classes, input_shape=shape)
     tcfg = teacher_run_config(cfg)
     if cfg.teacher.ckpt:
         path = Path(cfg.teacher.ckpt)

@@ -2,7 +2,7 @@
 
 Examples:
     kd-train                                       # the default experiment (digits, Hinton KD)
-    kd-train distill=kd distill.temperature=8 distill.alpha=0.5 trainer.max_epochs=5
+    kd-train distill=kd distill.temperature=8 distill.weight=0.5 distill.ce_weight=0.5 trainer.max_epochs=5
     kd-train -m distill=none,kd seed=0,1           # a sweep
     kd-train --help                                # the config groups and their options
 """

@@ -36,8 +36,8 @@ def test_typo_in_a_config_key_is_refused(tmp_path: Path) -> None:
     [
         ("distill.temperature=0", "distill.temperature", "must be > 0"),
         ("distill.temperature=-2", "distill.temperature", "must be > 0"),
-        ("distill.alpha=1.5", "distill.alpha", "[0, 1]"),
-        ("distill.alpha=-0.1", "distill.alpha", "[0, 1]"),
+        ("distill.weight=-0.5", "distill.weight", ">= 0"),
+        ("distill.ce_weight=-0.1", "distill.ce_weight", ">= 0"),
         ("data.val_fraction=1.2", "data.val_fraction", "(0, 1)"),
         ("data.batch_size=0", "data.batch_size", ">= 1"),
         ("+model.student.num_classes=7", "model.student.num_classes", "the data has 10"),

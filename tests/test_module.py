@@ -53,7 +53,7 @@ def test_teacher_is_untouched_by_training(tmp_path) -> None:
     teacher = ConvNet(num_classes=10, in_channels=1, channels=(8, 16), dropout=0.5)  # has BN and dropout
     teacher.train()  # as a freshly built model would be
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    module = _module(teacher, KDLoss(temperature=4.0, alpha=0.9))
+    module = _module(teacher, KDLoss(temperature=4.0, weight=0.9, ce_weight=0.1))
     watch = TeacherWatch()
     student_before = [p.clone() for p in module.student.parameters()]
     _trainer(tmp_path, [watch], gradient_clip_val=0.01).fit(module, datamodule=DigitsDataModule(batch_size=32))
@@ -91,7 +91,7 @@ def test_train_mode_never_reaches_the_teacher() -> None:
 
 
 def test_terms_are_summed_and_logged_by_name(tmp_path) -> None:
-    module = _module(ConvNet(num_classes=10, in_channels=1, channels=(8,)), KDLoss(alpha=0.5))
+    module = _module(ConvNet(num_classes=10, in_channels=1, channels=(8,)), KDLoss(weight=0.5, ce_weight=0.5))
     seen: list[tuple[float, float]] = []
     original = module.training_step
 

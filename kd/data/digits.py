@@ -37,6 +37,7 @@ class DigitsDataModule(L.LightningDataModule):
 
     num_classes = 10
     input_shape = (1, 8, 8)
+    provides_index = True  # batch["index"]: position in the training split
 
     def __init__(
         self,
@@ -73,6 +74,11 @@ class DigitsDataModule(L.LightningDataModule):
         mean, std = train.mean(), train.std()
         for name, idx in parts.items():
             self.splits[name] = IndexedTensorDataset((images[idx] - mean) / std, to_long(labels[idx]))
+
+    def train_targets(self) -> torch.Tensor:
+        """Labels of the training split in the order of ``batch["index"]``, ``(N,)``."""
+        self.setup("fit")
+        return self.splits["train"].targets
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         return DataLoader(

@@ -2,5 +2,6 @@
 
 from kd.models.build import build_model, count_parameters
 from kd.models.convnet import ConvNet
+from kd.models.tv import torchvision_model
 
-__all__ = ["ConvNet", "build_model", "count_parameters"]
+__all__ = ["ConvNet", "build_model", "count_parameters", "torchvision_model"]

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from hydra.utils import get_object
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from kd.errors import ConfigError, check_int, instantiate_checked
@@ -43,6 +44,7 @@ def build_model(
     Raises:
         ConfigError: If the config or the built model disagrees with the data.
     """
+    node = model_node(node)
     if "_target_" not in node:
         raise ConfigError(key, "has no _target_; pick one from conf/" + key.replace(".", "/"))
     target = node["_target_"]
@@ -64,6 +66,20 @@ def build_model(
     model = instantiate_checked(node, key, **kwargs)
     check_output(model, key=key, num_classes=num_classes, input_shape=input_shape)
     return model
+
+
+NODES_KEY = "_nodes_"
+
+
+def model_node(node: Mapping[str, Any]) -> Any:
+    """A model config without its ``_nodes_`` (feature taps, read by method configs, not the model)."""
+    if NODES_KEY not in node:
+        return node
+    if isinstance(node, DictConfig):
+        copy = OmegaConf.masked_copy(node, [k for k in node if k != NODES_KEY])
+        copy._set_parent(node._get_parent())  # so interpolations inside the node still resolve
+        return copy
+    return {k: v for k, v in node.items() if k != NODES_KEY}
 
 
 @torch.no_grad()

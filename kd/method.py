@@ -1,0 +1,99 @@
+"""Connects a distillation method to its models and data before anything trains.
+
+``prepare_method`` builds the feature extractors a method asks for (failing on a node name the
+model does not have, with the names it does have), checks the data gives what the method needs
+(sample indices for CRD), and lets the method build its learned parts from one dry forward pass.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch import nn
+
+from kd.errors import ConfigError
+from kd.features import FeatureExtractor
+from kd.losses.base import DistillationLoss
+from kd.outputs import DataInfo, ModelOutput
+
+
+def data_info(datamodule: L.LightningDataModule, needs_index: bool, method: str = "the method") -> DataInfo:
+    """What a method may know about the training split: its size and, when given, its labels.
+
+    A datamodule that yields ``batch["index"]`` sets ``provides_index = True`` and implements
+    ``train_targets()``: the labels of the training split in index order.
+
+    Raises:
+        ConfigError: If ``needs_index`` and the datamodule gives no sample indices.
+    """
+    provides = bool(getattr(datamodule, "provides_index", False)) and hasattr(datamodule, "train_targets")
+    if needs_index and not provides:
+        raise ConfigError(
+            "distill", f"{method} needs the index of every training sample (batch['index']) and "
+            f"the training labels, which {type(datamodule).__name__} does not provide; pick a "
+            "datamodule that does (data=digits, ...) or another method"
+        )
+    datamodule.setup("fit")
+    if provides:
+        targets = torch.as_tensor(datamodule.train_targets(), dtype=torch.long)  # (N,)
+        return DataInfo(int(datamodule.num_classes), len(targets), targets)
+    num_samples = len(datamodule.train_dataloader().dataset)
+    return DataInfo(int(datamodule.num_classes), num_samples, None)
+
+
+def prepare_method(
+    criterion: DistillationLoss,
+    student: nn.Module,
+    teacher: nn.Module | None,
+    datamodule: L.LightningDataModule,
+    tracer: str = "auto",
+) -> tuple[FeatureExtractor, FeatureExtractor | None]:
+    """Builds the method's feature extractors and learned parts; checks it fits models and data.
+
+    The teacher may still be untrained: only its architecture matters here, so this runs
+    before a teacher is trained or loaded (its weights are loaded into the same module later).
+
+    Args:
+        criterion: The method.
+        student: The student network.
+        teacher: The teacher network, or None for methods without a teacher.
+        datamodule: The data.
+        tracer: How features are collected: ``auto``, ``fx`` or ``hooks``.
+
+    Returns:
+        The student's and the teacher's feature extractors.
+
+    Raises:
+        ConfigError: On a node name a model does not have, missing sample indices, or features
+            the method cannot use.
+    """
+    name = type(criterion).__name__
+    shape = tuple(datamodule.input_shape)
+    student_fx = FeatureExtractor(
+        student, criterion.student_nodes, key="distill.student_nodes", input_shape=shape, tracer=tracer
+    )
+    teacher_fx = None
+    if teacher is not None:
+        teacher_fx = FeatureExtractor(
+            teacher, criterion.teacher_nodes, key="distill.teacher_nodes", input_shape=shape, tracer=tracer
+        )
+    info = data_info(datamodule, criterion.requires_index, name)
+    s_out, t_out = dry_run(student_fx, shape), (dry_run(teacher_fx, shape) if teacher_fx else None)
+    try:
+        criterion.setup(s_out, t_out, info)
+    except ConfigError as e:
+        raise e.with_prefix("distill") from None
+    return student_fx, teacher_fx
+
+
+@torch.no_grad()
+def dry_run(extractor: FeatureExtractor, input_shape: tuple[int, ...]) -> ModelOutput:
+    """The extractor's output for a batch of 2 random inputs, with the model in eval mode."""
+    model = extractor.model
+    was_training = model.training
+    model.eval()
+    try:
+        x = torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(0))
+        return extractor(x)
+    finally:
+        model.train(was_training)
