@@ -79,6 +79,11 @@ def prepare_method(
         )
     info = data_info(datamodule, criterion.requires_index, name)
     s_out, t_out = dry_run(student_fx, shape), (dry_run(teacher_fx, shape) if teacher_fx else None)
+    if t_out is not None and t_out.logits.shape[-1] != s_out.logits.shape[-1]:
+        raise ConfigError(
+            "model.teacher", f"scores {t_out.logits.shape[-1]} classes but the student "
+            f"{s_out.logits.shape[-1]}; distillation compares them class by class"
+        )
     try:
         criterion.setup(s_out, t_out, info)
     except ConfigError as e:

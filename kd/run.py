@@ -16,8 +16,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 import kd
 from kd.errors import ConfigError, check_int, instantiate_checked
 from kd.fit import build_optimization, fit
-from kd.models.build import build_model, count_parameters
 from kd.method import prepare_method
+from kd.models.build import build_model, count_parameters
 from kd.results import RESULTS_FILE, STUDENT_WEIGHTS, git_info, save_atomic, summary_table, write_json_atomic
 from kd.teacher import resolve_teacher
 

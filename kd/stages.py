@@ -146,9 +146,11 @@ def run_stages(
         modes = {m: m.training for m in student_features.model.modules()}
         try:
             make_trainer(stage.epochs).fit(module, datamodule=datamodule)
-        finally:  # the main training finds the student as it was
+        finally:  # the main training finds the student as it was, without the stage's gradients
             for m, training in modes.items():
                 m.training = training
+            for p in module.trained():
+                p.grad = None
         losses = module.epoch_losses
         log.info("stage %s done: loss %.4g -> %.4g", stage.name, losses[0], losses[-1])
         report.append({"name": stage.name, "epochs": len(losses), "loss_first": losses[0], "loss_last": losses[-1]})

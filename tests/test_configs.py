@@ -12,6 +12,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from kd.models.build import model_node
 from kd.run import run
 from tests.conftest import CONF
 
@@ -46,7 +47,10 @@ def test_every_config_file_composes_and_builds(make_cfg, group: str, option: str
     assert resolved["paths"]["output_dir"]
     node = OmegaConf.select(cfg, group.replace("/", "."))
     if group in OBJECT_GROUPS and node:
-        obj = instantiate(node, **({"num_classes": 10, "in_channels": 1} if group.startswith("model") else {}))
+        if group.startswith("model"):
+            obj = instantiate(model_node(node), num_classes=10, in_channels=1)
+        else:
+            obj = instantiate(node)
         if group == "optimizer":
             obj = obj([torch.nn.Parameter(torch.zeros(1))])
         if group == "scheduler":
@@ -61,11 +65,36 @@ def test_every_config_file_composes_and_builds(make_cfg, group: str, option: str
             instantiate(cfg.trainer, logger=False)
 
 
-@pytest.mark.parametrize("option", sorted(p.stem for p in (CONF / "distill").glob("*.yaml")))
+DISTILL_OPTIONS = sorted(p.stem for p in (CONF / "distill").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("option", DISTILL_OPTIONS)
 def test_every_method_runs_end_to_end(make_cfg, option: str) -> None:
     results = run(make_cfg(f"distill={option}"))
     assert results["status"] == "completed"
     assert results["config"]["distill"]["_target_"] == OmegaConf.load(CONF / "distill" / f"{option}.yaml")["_target_"]
+
+
+@pytest.fixture(scope="module")
+def resnet34_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A (randomly initialised) torchvision ResNet-34 teacher checkpoint for digits."""
+    from kd.models import torchvision_model
+
+    path = tmp_path_factory.mktemp("teacher") / "resnet34.pt"
+    torch.save(torchvision_model("resnet34", num_classes=10, in_channels=1).state_dict(), path)
+    return path
+
+
+@pytest.mark.parametrize("option", DISTILL_OPTIONS)
+def test_every_method_runs_unchanged_on_a_torchvision_pair(make_cfg, resnet34_teacher: Path, option: str) -> None:
+    # torchvision ResNet-34 -> ResNet-18, features named only in the model configs' _nodes_
+    results = run(make_cfg(
+        f"distill={option}", "experiment=digits_resnet", "model.teacher.small_input=false",
+        "model.student.small_input=false", f"teacher.ckpt={resnet34_teacher}", "teacher.evaluate=false",
+        "callbacks=none",
+    ))
+    assert results["status"] == "completed"
+    assert results["student"]["params"] == 11_175_370  # torchvision's resnet18 for 1 channel, 10 classes
 
 
 @pytest.mark.parametrize("option", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))

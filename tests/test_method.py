@@ -94,6 +94,12 @@ def test_a_wrong_node_name_fails_naming_the_model_side() -> None:
         prepare_method(Probe(teacher_nodes=["head.9"]), student, teacher, dm)
 
 
+def test_teacher_and_student_must_score_the_same_classes() -> None:
+    student, _, dm = _pair()
+    with pytest.raises(ConfigError, match="^model.teacher: scores 12 classes but the student 10"):
+        prepare_method(KDLoss(), student, ConvNet(12, 1, channels=(4,)), dm)
+
+
 def test_schedules() -> None:
     warm = LinearWarmup(value=2.0, epochs=4)
     assert [warm(e) for e in range(6)] == [0.5, 1.0, 1.5, 2.0, 2.0, 2.0]

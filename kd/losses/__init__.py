@@ -1,7 +1,34 @@
-"""Distillation loss strategies: one ``nn.Module`` per method, returning named weighted terms."""
+"""Distillation methods: one ``nn.Module`` per method, returning named weighted terms.
 
-from kd.losses.base import DistillationLoss
+Configs name each class by its module path (``kd.losses.dkd.DKDLoss``); the classes are also
+importable from here.
+"""
+
+from kd.losses.ab import ABLoss
+from kd.losses.at import ATLoss
+from kd.losses.base import DistillationLoss, Stage
+from kd.losses.cc import CCLoss
 from kd.losses.ce import CrossEntropy
+from kd.losses.combined import Combined
+from kd.losses.crd import CRDLoss
+from kd.losses.dist import DISTLoss
+from kd.losses.dkd import DKDLoss
+from kd.losses.fitnet import FitNetLoss
+from kd.losses.fsp import FSPLoss
+from kd.losses.ft import FTLoss
 from kd.losses.kd import KDLoss, kd_loss
+from kd.losses.logit_std import LogitStandardKD
+from kd.losses.mlkd import MLKDLoss
+from kd.losses.nst import NSTLoss
+from kd.losses.ofd import OFDLoss
+from kd.losses.pkt import PKTLoss
+from kd.losses.reviewkd import ReviewKDLoss
+from kd.losses.rkd import RKDLoss
+from kd.losses.sp import SPLoss
+from kd.losses.vid import VIDLoss
 
-__all__ = ["CrossEntropy", "DistillationLoss", "KDLoss", "kd_loss"]
+__all__ = [
+    "ABLoss", "ATLoss", "CCLoss", "CRDLoss", "Combined", "CrossEntropy", "DISTLoss", "DKDLoss",
+    "DistillationLoss", "FSPLoss", "FTLoss", "FitNetLoss", "KDLoss", "LogitStandardKD", "MLKDLoss",
+    "NSTLoss", "OFDLoss", "PKTLoss", "RKDLoss", "ReviewKDLoss", "SPLoss", "Stage", "VIDLoss", "kd_loss",
+]
