@@ -13,7 +13,7 @@ def test_help_lists_the_config_groups(cli, capsys) -> None:
     for group in ("data", "distill", "model/teacher", "model/student", "trainer", "logger",
                   "callbacks", "experiment", "debug", "optimizer", "scheduler"):
         assert f"{group}:" in out, group
-    assert "kd, none" in out  # the options of distill
+    assert "crd, crd_kd, dist, dkd" in out  # the options of distill
 
 
 def test_cfg_job_prints_the_composed_config(cli, capsys) -> None:
@@ -72,3 +72,27 @@ def test_a_finished_run_directory_is_left_untouched(cli, capsys, tmp_path: Path)
     assert code == 2 and "already holds the results of another run" in capsys.readouterr().err
     after = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
     assert after == before  # .hydra/config.yaml included
+
+
+def test_an_unknown_feature_name_fails_before_any_teacher_is_trained(cli, capsys, tmp_path: Path) -> None:
+    run_dir = tmp_path / "r"
+    code = cli("debug=fdr", "distill=fitnet", "distill.student_nodes=[features.9]", f"hydra.run.dir={run_dir}")
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err
+    assert err.startswith("kd-train: error: distill.student_nodes: ConvNet has no node named 'features.9'")
+    assert err.endswith("available: features.0, features.1, features.2, features.3, features.4, "
+                        "features.5, features.6, features.7, pool, head.0, head.1, head.2")
+    assert not (run_dir / "teachers").exists() and not (tmp_path / "outputs" / "teachers").exists()
+
+
+def test_kd_nodes_lists_every_name_with_its_shape_and_the_taps(monkeypatch, capsys, tmp_path: Path) -> None:
+    import sys
+
+    from kd.nodes import main
+
+    monkeypatch.setattr(sys, "argv", ["kd-nodes", f"hydra.run.dir={tmp_path}", "hydra.output_subdir=null"])
+    main()
+    out = capsys.readouterr().out
+    assert "model.student:\n# ConvNet: 12 FX nodes" in out
+    assert "features.1  (1, 8, 8, 8)  <- preact" in out and "head.0      (1, 16)  <- pooled" in out
+    assert "features.12  (1, 128, 4, 4)  <- stages" in out  # the teacher's second stage
