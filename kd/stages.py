@@ -151,6 +151,9 @@ def run_stages(
                 m.training = training
             for p in module.trained():
                 p.grad = None
+        if stage.freeze_after:
+            for part in stage.modules:
+                part.requires_grad_(False)
         losses = module.epoch_losses
         log.info("stage %s done: loss %.4g -> %.4g", stage.name, losses[0], losses[-1])
         report.append({"name": stage.name, "epochs": len(losses), "loss_first": losses[0], "loss_last": losses[-1]})

@@ -56,7 +56,7 @@ class Probe(DistillationLoss):
         if not self.stage_epochs:
             return []
         # fits the regressor alone on the teacher's own feature (student untouched)
-        return [Stage("probe_init", self.stage_epochs, lambda s, t, b: {"fit": F.mse_loss(self.regressor(t.features["head.0"][:, : self.regressor.in_features]), t.features["head.0"])}, [self.regressor])]
+        return [Stage("probe_init", self.stage_epochs, lambda s, t, b: {"fit": F.mse_loss(self.regressor(t.features["head.0"][:, : self.regressor.in_features]), t.features["head.0"])}, [self.regressor], freeze_after=True)]
 
 
 def _pair() -> tuple[ConvNet, ConvNet, DigitsDataModule]:
@@ -186,6 +186,10 @@ def test_stages_train_only_their_modules_before_the_main_training(tmp_path: Path
     for k, v in frozen.items():
         assert torch.equal(after[k], v), k  # neither the student (train_student=False) nor the teacher moved
     assert teacher.training is False
+    # freeze_after: the main optimizer (and DDP) no longer see the regressor
+    assert not any(p.requires_grad for p in probe.regressor.parameters())
+    module = DistillationModule(student, probe, optimizer=torch.optim.SGD, num_classes=10, teacher=teacher)
+    assert {id(p) for p in module.trainable_parameters()} == {id(p) for p in student.parameters()}
 
 
 def test_the_exported_student_holds_only_the_student(make_cfg) -> None:

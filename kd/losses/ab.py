@@ -173,6 +173,7 @@ class ABLoss(DistillationLoss):
                 loss=self.init_loss,
                 modules=[self.connectors],
                 train_student=True,
+                freeze_after=True,  # fixed in the main stage, as in RepDistiller
             )
         ]
 

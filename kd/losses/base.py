@@ -29,6 +29,8 @@ class Stage:
             unless ``train_student``.
         modules: The method's own modules that this stage trains.
         train_student: Whether the student's parameters train in this stage too.
+        freeze_after: Whether ``modules`` stop training after the stage (``requires_grad``
+            off), so the main optimizer, and DDP, leave them alone.
     """
 
     name: str
@@ -36,6 +38,7 @@ class Stage:
     loss: Callable[[ModelOutput | None, ModelOutput, Batch], dict[str, Tensor]]
     modules: Sequence[nn.Module] = field(default_factory=list)
     train_student: bool = False
+    freeze_after: bool = False
 
 
 class DistillationLoss(nn.Module):

@@ -217,6 +217,7 @@ class FTLoss(DistillationLoss):
                 loss=self.paraphraser_loss,
                 modules=[self.paraphrasers],
                 train_student=False,
+                freeze_after=True,  # fixed in the main stage, as in RepDistiller
             )
         ]
 
