@@ -60,13 +60,24 @@ def instantiate_checked(node: Any, key: str, **kwargs: Any) -> Any:
     """
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
+    from omegaconf.errors import InterpolationResolutionError
 
     try:
         return instantiate(node, **kwargs)
+    except InterpolationResolutionError as e:
+        message = str(e).splitlines()[0]
+        if "_nodes_" in message:
+            message += (
+                ": the model config defines no such feature tap (_nodes_); name the features "
+                "instead, e.g. distill.student_nodes=[layer2] (kd-nodes lists the names)"
+            )
+        raise ConfigError(key, message) from None
     except InstantiationException as e:
         cause = e.__cause__
         if isinstance(cause, ConfigError):
-            raise cause.with_prefix(key) from None
+            # Hydra names the nested node that failed: `full_key: distill.methods.kd`
+            where = [line[len("full_key: "):] for line in str(e).splitlines() if line.startswith("full_key: ")]
+            raise cause.with_prefix(where[0] if where and where[0].startswith(key) else key) from None
         target = node.get("_target_", "?") if hasattr(node, "get") else "?"
         detail = f"{type(cause).__name__}: {cause}" if cause else str(e).splitlines()[0]
         raise ConfigError(key, f"cannot build {target}: {detail}") from e

@@ -19,6 +19,7 @@ import difflib
 import logging
 import operator
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, fx, nn
@@ -71,8 +72,10 @@ class FeatureExtractor:
         self.nodes = list(dict.fromkeys(nodes))
         self.key = key
         self.mode = "none"
+        self._last = ""  # the FX node whose value the model returns
         self._graph: fx.GraphModule | None = None
         self._hooked: dict[str, Tensor] = {}
+        self._hooks: dict[str, tuple[nn.Module, Any]] = {}  # name -> (module, removable handle)
         self._active = False
         if not self.nodes:
             return
@@ -85,9 +88,8 @@ class FeatureExtractor:
                 log.info("FX cannot trace %s (%s); collecting features with forward hooks", type(model).__name__, e)
             else:
                 self._check_names(available, prefixes=True)
-                self._graph = _build_graph(model, self.nodes, available[-1])
-                if _logits_match(self, model, input_shape):
-                    self.mode = "fx"
+                self.mode, self._last = "fx", available[-1]
+                if _logits_match(self, input_shape):
                     return
                 if tracer == "fx":
                     raise ConfigError(key, f"the FX graph of {type(model).__name__} does not reproduce its output")
@@ -95,8 +97,7 @@ class FeatureExtractor:
                 self._graph = None
         self._check_names([n for n, _ in model.named_modules() if n], prefixes=False)
         self.mode = "hooks"
-        for name in self.nodes:
-            model.get_submodule(name).register_forward_hook(self._hook(name))
+        self.sync()
 
     def _check_names(self, available: list[str], prefixes: bool) -> None:
         for name in self.nodes:
@@ -111,18 +112,41 @@ class FeatureExtractor:
                 f"available: {', '.join(available)}"
             )
 
-    def _hook(self, name: str):  # noqa: ANN202
-        def hook(module: nn.Module, args: object, output: Tensor) -> None:
-            if self._active:
-                # A copy: the model may modify this output in place further on.
-                self._hooked[name] = output.clone()
+    def sync(self) -> None:
+        """Re-attaches to the model's current submodules.
 
-        return hook
+        Lightning's ``sync_batchnorm`` (and any module surgery) replaces submodules with new
+        objects; the traced graph or the hooks would keep calling the old ones. Call this after
+        such a change (the training modules call it when training starts); it is cheap when
+        nothing changed.
+        """
+        if self.mode == "fx" and self._graph is not None:
+            targets = [n.target for n in self._graph.graph.nodes if n.op == "call_module"]
+            if any(self._graph.get_submodule(str(t)) is not self.model.get_submodule(str(t)) for t in targets):
+                self._graph = None  # rebuilt on the next call
+        if self.mode == "hooks":
+            for name in self.nodes:
+                module = self.model.get_submodule(name)
+                old = self._hooks.get(name)
+                if old is not None and old[0] is module:
+                    continue
+                if old is not None and old[1] is not None:
+                    old[1].remove()
+                self._hooks[name] = (module, module.register_forward_hook(_Hook(self, name)))
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Picklable (ddp_spawn): the graph is rebuilt on first use; hook handles are not kept.
+        state = dict(self.__dict__)
+        state["_graph"] = None
+        state["_hooked"] = {}
+        state["_hooks"] = {name: (module, None) for name, (module, _) in self._hooks.items()}
+        return state
 
     def __call__(self, x: Tensor) -> ModelOutput:
         """The model's logits and the requested features for a batch ``x``."""
         if self.mode == "fx":
-            assert self._graph is not None
+            if self._graph is None:
+                self._graph = _build_graph(self.model, self.nodes, self._last)
             out = _graph_for(self._graph, self.model.training)(x)
             logits = out.pop(_LOGITS)
             return ModelOutput(logits=logits, features=out)
@@ -130,12 +154,31 @@ class FeatureExtractor:
             self._active = True
             try:
                 logits = self.model(x)
+                missing = [n for n in self.nodes if n not in self._hooked]
+                if missing:
+                    raise ConfigError(
+                        self.key, f"{', '.join(missing)} never ran in {type(self.model).__name__}.forward; "
+                        "name modules that the forward pass calls"
+                    )
                 features = {n: self._hooked[n] for n in self.nodes}
             finally:
                 self._active = False
                 self._hooked = {}
             return ModelOutput(logits=logits, features=features)
         return ModelOutput(logits=self.model(x))
+
+
+class _Hook:
+    """Forward hook storing a module's output for an extractor (a class, so it pickles)."""
+
+    def __init__(self, extractor: FeatureExtractor, name: str) -> None:
+        self.extractor = extractor
+        self.name = name
+
+    def __call__(self, module: nn.Module, args: object, output: Tensor) -> None:
+        if self.extractor._active:  # noqa: SLF001
+            # A copy: the model may modify this output in place further on.
+            self.extractor._hooked[self.name] = output.clone()  # noqa: SLF001
 
 
 def fx_node_names(model: nn.Module) -> list[str]:
@@ -207,21 +250,24 @@ def _in_place_use(root: nn.Module, user: fx.Node, node: fx.Node) -> bool:
     if user.op == "call_module":
         return bool(getattr(root.get_submodule(str(user.target)), "inplace", False))
     if user.op == "call_function":
-        return bool(user.kwargs.get("inplace", False)) or user.target in _INPLACE_FUNCTIONS
+        name = getattr(user.target, "__name__", "")
+        in_place_name = name.endswith("_") and not name.startswith("_")  # torch.relu_, F.relu_
+        return bool(user.kwargs.get("inplace", False)) or user.target in _INPLACE_FUNCTIONS or in_place_name
     if user.op == "call_method":
         return str(user.target).endswith("_") and not str(user.target).startswith("_")
     return False
 
 
 @torch.no_grad()
-def _logits_match(extractor: FeatureExtractor, model: nn.Module, input_shape: tuple[int, ...]) -> bool:
+def _logits_match(extractor: FeatureExtractor, input_shape: tuple[int, ...]) -> bool:
     """Whether the traced graph's last node is the model's output, on one random input."""
+    model = extractor.model
     was_training = model.training
     model.eval()
     try:
         x = torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(0))
         expected = model(x)
-        got = _graph_for(extractor._graph, False)(x)[_LOGITS] if extractor._graph is not None else None  # noqa: SLF001
+        got = extractor(x).logits
         return isinstance(expected, Tensor) and isinstance(got, Tensor) and torch.equal(expected, got)
     finally:
         model.train(was_training)

@@ -67,6 +67,8 @@ def prepare_method(
         ConfigError: On a node name a model does not have, missing sample indices, or features
             the method cannot use.
     """
+    if tracer not in ("auto", "fx", "hooks"):
+        raise ConfigError("features_tracer", f"must be auto, fx or hooks, got {tracer!r}")
     name = type(criterion).__name__
     shape = tuple(datamodule.input_shape)
     student_fx = FeatureExtractor(

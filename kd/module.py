@@ -111,6 +111,12 @@ class DistillationModule(L.LightningModule):
         with torch.no_grad():
             return self.teacher_features(x)
 
+    def on_train_start(self) -> None:
+        # Lightning may have replaced submodules (sync_batchnorm): re-attach the extractors.
+        self.student_features.sync()
+        if self.teacher_features is not None:
+            self.teacher_features.sync()
+
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         """Student and criterion parameters: everything the optimizer updates, never the teacher."""
         for module in (self.student, self.criterion):
@@ -155,7 +161,21 @@ class DistillationModule(L.LightningModule):
             del state[key]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Puts the current teacher's weights back, so a checkpoint without them loads strictly."""
+        """Puts the current teacher's weights back, so a checkpoint without them loads strictly.
+
+        Raises:
+            ConfigError: If the checkpoint holds learned parts of the method (regressors, memory
+                banks) that this module's criterion does not have: they are built by
+                ``kd.method.prepare_method``, which must run before a checkpoint is loaded.
+        """
+        own = {f"criterion.{k}" for k in self.criterion.state_dict()}
+        extra = sorted(k for k in checkpoint["state_dict"] if k.startswith("criterion.") and k not in own)
+        if extra:
+            raise ConfigError(
+                "checkpoint", f"holds {len(extra)} entries of the method's learned parts (e.g. {extra[0]}) "
+                f"that {type(self.criterion).__name__} does not have yet; build them with "
+                "kd.method.prepare_method(criterion, student, teacher, datamodule) before loading"
+            )
         if self.teacher is not None:
             state = checkpoint["state_dict"]
             for key, value in self.teacher.state_dict().items():

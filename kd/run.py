@@ -97,6 +97,18 @@ def check_seed(cfg: DictConfig) -> int:
     return check_int("seed", seed, 0, 2**32, valid="in [0, 2**32)")
 
 
+def stage_strategy(cfg: DictConfig) -> dict[str, str]:
+    """The strategy of a preliminary stage's Trainer: the run's, allowing unused parameters.
+
+    A stage trains part of the model (a connector, a paraphraser, the student's body without
+    its classifier), which plain DDP refuses.
+    """
+    strategy = str(cfg.trainer.get("strategy", "auto"))
+    if strategy in ("ddp", "ddp_spawn", "ddp_fork"):
+        return {"strategy": f"{strategy}_find_unused_parameters_true"}
+    return {}
+
+
 def instantiate_group(node: DictConfig | None, key: str) -> list[Any]:
     """Instantiates each named entry of a group of objects (``callbacks``, ``logger``), in order."""
     if not node:
@@ -162,6 +174,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         make_stage_trainer=lambda epochs: instantiate_checked(
             cfg.trainer, "trainer", max_epochs=epochs, callbacks=[], logger=False,
             enable_checkpointing=False, limit_val_batches=0, num_sanity_val_steps=0,
+            **stage_strategy(cfg),
         ),
     )
     weights = output_dir / STUDENT_WEIGHTS

@@ -81,6 +81,8 @@ class StageModule(L.LightningModule):
     def on_train_start(self) -> None:
         # Lightning keeps each module's mode as it finds it: set the stage's modes explicitly.
         self.train()
+        self.student_features.sync()  # submodules Lightning replaced (sync_batchnorm)
+        self.teacher_features.sync()
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         x = batch["input"]
@@ -127,7 +129,8 @@ def run_stages(
         datamodule: The data (its training split).
         optimizer: ``partial`` of the run's optimizer.
         make_trainer: Builds a Trainer for a number of epochs (the run's device settings, no
-            validation, checkpoints or loggers).
+            validation, checkpoints or loggers; under DDP one that allows unused parameters, as
+            a stage trains part of the model).
 
     Returns:
         One entry per stage for ``results.json``: name, epochs, mean loss of the first and
@@ -144,6 +147,11 @@ def run_stages(
         module = StageModule(stage, student_features, teacher_features, optimizer)
         log.info("stage %s: %d epochs before distillation", stage.name, stage.epochs)
         modes = {m: m.training for m in student_features.model.modules()}
+        # a stage that does not train the student leaves it out of autograd (and of DDP's
+        # bookkeeping, which would wait for its gradients)
+        grads = {p: p.requires_grad for p in student_features.model.parameters()}
+        if not stage.train_student:
+            student_features.model.requires_grad_(False)
         try:
             make_trainer(stage.epochs).fit(module, datamodule=datamodule)
         finally:  # the main training finds the student as it was, without the stage's gradients
@@ -151,6 +159,8 @@ def run_stages(
                 m.training = training
             for p in module.trained():
                 p.grad = None
+            for p, required in grads.items():
+                p.requires_grad_(required)
         if stage.freeze_after:
             for part in stage.modules:
                 part.requires_grad_(False)

@@ -19,7 +19,7 @@ def test_help_lists_the_config_groups(cli, capsys) -> None:
 def test_cfg_job_prints_the_composed_config(cli, capsys) -> None:
     assert cli("--cfg", "job", "distill.temperature=8") == 0
     out = capsys.readouterr().out
-    assert "temperature: 8" in out and "_target_: kd.losses.KDLoss" in out
+    assert "temperature: 8" in out and "_target_: kd.losses.kd.KDLoss" in out
 
 
 def test_bad_value_is_one_line_on_stderr_with_exit_status_2(cli, capsys, tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ Adding a config file adds its test: the parameters are read from the conf/ tree.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -66,12 +67,32 @@ def test_every_config_file_composes_and_builds(make_cfg, group: str, option: str
 
 
 DISTILL_OPTIONS = sorted(p.stem for p in (CONF / "distill").glob("*.yaml"))
+# methods whose own terms have weight 0 in the main training after their init stage (RepDistiller)
+ZERO_MAIN_WEIGHT = {"ab", "fsp"}
+
+
+def logged_losses(results: dict) -> dict[str, float]:
+    """The epoch means of the ``train/loss_<term>`` columns a run logged to its metrics.csv."""
+    import csv
+
+    rows = list(csv.DictReader((Path(results["run_dir"]) / "csv" / "metrics.csv").open()))
+    return {k: float(row[k]) for row in rows for k in row if k.startswith("train/loss_") and row[k]}
+
+
+def check_terms(results: dict, option: str) -> None:
+    """Every logged term is finite, and the method's own terms are not zero."""
+    losses = logged_losses(results)
+    assert losses and all(math.isfinite(v) for v in losses.values()), losses
+    own = {k: v for k, v in losses.items() if k != "train/loss_ce"}
+    if option not in ZERO_MAIN_WEIGHT | {"none"}:
+        assert own and all(v != 0 for v in own.values()), losses
 
 
 @pytest.mark.parametrize("option", DISTILL_OPTIONS)
 def test_every_method_runs_end_to_end(make_cfg, option: str) -> None:
     results = run(make_cfg(f"distill={option}"))
     assert results["status"] == "completed"
+    check_terms(results, option)
     assert results["config"]["distill"]["_target_"] == OmegaConf.load(CONF / "distill" / f"{option}.yaml")["_target_"]
 
 
@@ -94,6 +115,7 @@ def test_every_method_runs_unchanged_on_a_torchvision_pair(make_cfg, resnet34_te
         "callbacks=none",
     ))
     assert results["status"] == "completed"
+    check_terms(results, option)
     assert results["student"]["params"] == 11_175_370  # torchvision's resnet18 for 1 channel, 10 classes
 
 
@@ -105,7 +127,7 @@ def test_every_experiment_runs_end_to_end(make_cfg, option: str) -> None:
 
 def test_experiment_overlays_override_groups(make_cfg) -> None:
     cfg = make_cfg("experiment=digits_baseline")
-    assert cfg.distill._target_ == "kd.losses.CrossEntropy"
+    assert cfg.distill._target_ == "kd.losses.ce.CrossEntropy"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -128,3 +128,38 @@ def test_no_nodes_means_a_plain_forward() -> None:
     out = fx(x)
     assert fx.mode == "none" and out.features == {}
     torch.testing.assert_close(out.logits, model(x))
+
+
+@pytest.mark.parametrize("tracer", ["fx", "hooks"])
+def test_sync_reattaches_to_replaced_submodules(tracer: str) -> None:
+    # Lightning's sync_batchnorm swaps every BatchNorm for a new module object
+    model = _convnet().eval()
+    fx = FeatureExtractor(model, ["features.1"], key="k", input_shape=(1, 8, 8), tracer=tracer)
+    x = torch.randn(2, 1, 8, 8)
+    new_bn = nn.BatchNorm2d(4).eval()
+    new_bn.bias.data.fill_(5.0)
+    model.features[1] = new_bn
+    fx.sync()
+    torch.testing.assert_close(fx(x).features["features.1"], new_bn(model.features[0](x)))
+    torch.testing.assert_close(fx(x).logits, model(x))
+
+
+@pytest.mark.parametrize("tracer", ["fx", "hooks"])
+def test_an_extractor_pickles_with_its_model(tracer: str) -> None:
+    import pickle
+
+    model = _convnet().eval()
+    fx = FeatureExtractor(model, ["features.1"], key="k", input_shape=(1, 8, 8), tracer=tracer)
+    x = torch.randn(2, 1, 8, 8)
+    expected = fx(x).features["features.1"]
+    model2, fx2 = pickle.loads(pickle.dumps((model, fx)))  # as ddp_spawn sends the module
+    assert fx2.model is model2
+    torch.testing.assert_close(fx2(x).features["features.1"], expected)
+
+
+def test_hooks_on_a_module_forward_never_calls_fail_clearly() -> None:
+    model = _DataDependent()
+    model.spare = nn.Linear(4, 4)  # registered, never called
+    fx = FeatureExtractor(model, ["spare"], key="distill.student_nodes", input_shape=(4,))
+    with pytest.raises(ConfigError, match="spare never ran in _DataDependent.forward"):
+        fx(torch.randn(2, 4))

@@ -52,11 +52,15 @@ class Probe(DistillationLoss):
         self.epochs_seen.append(epoch)
         return super().forward(student, teacher, batch, epoch)
 
+    def fit_teacher(self, student: ModelOutput | None, teacher: ModelOutput, batch: Batch) -> dict[str, Tensor]:
+        """Stage loss: the regressor alone, fitted on a slice of the teacher's own feature."""
+        t = teacher.features["head.0"]  # (B, 32)
+        return {"fit": F.mse_loss(self.regressor(t[:, : self.regressor.in_features]), t)}
+
     def stages(self) -> list[Stage]:
         if not self.stage_epochs:
             return []
-        # fits the regressor alone on the teacher's own feature (student untouched)
-        return [Stage("probe_init", self.stage_epochs, lambda s, t, b: {"fit": F.mse_loss(self.regressor(t.features["head.0"][:, : self.regressor.in_features]), t.features["head.0"])}, [self.regressor], freeze_after=True)]
+        return [Stage("probe_init", self.stage_epochs, self.fit_teacher, [self.regressor], freeze_after=True)]
 
 
 def _pair() -> tuple[ConvNet, ConvNet, DigitsDataModule]:
@@ -111,6 +115,9 @@ def test_schedules() -> None:
             as_schedule("w", bad)
     with pytest.raises(ConfigError, match="epochs"):
         LinearWarmup(1.0, 0)
+    for make in (lambda: LinearWarmup(-3.0, 5), lambda: StepUntil(float("nan"), 2), lambda: StepUntil(1.0, 2, after=-1)):
+        with pytest.raises(ConfigError, match="must be a number >= 0"):
+            make()
 
 
 def test_a_scheduled_weight_is_applied_at_the_epoch_the_module_passes() -> None:
@@ -161,8 +168,9 @@ def test_combined_merges_members_and_refuses_a_double_cross_entropy() -> None:
     torch.testing.assert_close(terms["probe"], 0.5 * combo.methods["probe"].loss_terms(s_out, t_out, batch)["probe"])
     with pytest.raises(ConfigError, match="kd and kd2 both weight the cross-entropy"):
         Combined({"kd": kd, "kd2": KDLoss(ce_weight=0.5)})
-    with pytest.raises(ConfigError, match="term 'kd' clashes"):
-        Combined({"a": KDLoss(ce_weight=0.0), "b": KDLoss(ce_weight=0.0)})(s_out, t_out, batch)
+    two = Combined({"a": KDLoss(ce_weight=0.0, weight=1.0), "b": KDLoss(temperature=2.0, ce_weight=0.0, weight=1.0)})(s_out, t_out, batch)
+    assert list(two) == ["kd", "b_kd"]  # the second member's clashing term keeps its own name
+    torch.testing.assert_close(two["b_kd"], KDLoss(temperature=2.0, ce_weight=0.0, weight=1.0)(s_out, t_out, batch)["kd"])
 
 
 def test_stages_train_only_their_modules_before_the_main_training(tmp_path: Path) -> None:
@@ -186,6 +194,7 @@ def test_stages_train_only_their_modules_before_the_main_training(tmp_path: Path
     for k, v in frozen.items():
         assert torch.equal(after[k], v), k  # neither the student (train_student=False) nor the teacher moved
     assert teacher.training is False
+    assert all(p.requires_grad for p in student.parameters())  # the student trains again afterwards
     # freeze_after: the main optimizer (and DDP) no longer see the regressor
     assert not any(p.requires_grad for p in probe.regressor.parameters())
     module = DistillationModule(student, probe, optimizer=torch.optim.SGD, num_classes=10, teacher=teacher)
@@ -200,3 +209,22 @@ def test_the_exported_student_holds_only_the_student(make_cfg) -> None:
     ckpt = torch.load(results["student"]["checkpoint"], weights_only=True)["state_dict"]
     for k, v in state.items():
         assert torch.equal(ckpt[f"student.{k}"], v)  # the selected (best-val) weights
+
+
+def test_loading_a_checkpoint_before_the_method_is_prepared_fails_clearly(tmp_path: Path) -> None:
+    student, teacher, dm = _pair()
+    probe = Probe()
+    prepare_method(probe, student, teacher, dm)
+    trained = DistillationModule(student, probe, optimizer=torch.optim.SGD, num_classes=10, teacher=teacher)
+    fresh = DistillationModule(student, Probe(), optimizer=torch.optim.SGD, num_classes=10, teacher=teacher)
+    checkpoint = {"state_dict": trained.state_dict()}
+    with pytest.raises(ConfigError, match=r"^checkpoint: holds 2 entries .*criterion.regressor.bias.*prepare_method"):
+        fresh.on_load_checkpoint(checkpoint)
+    trained.on_load_checkpoint(checkpoint)  # the prepared module loads it
+
+
+def test_stages_under_ddp_allow_unused_parameters(make_cfg) -> None:
+    from kd.run import stage_strategy
+
+    assert stage_strategy(make_cfg("trainer=ddp", fast=False)) == {"strategy": "ddp_find_unused_parameters_true"}
+    assert stage_strategy(make_cfg("trainer=cpu", fast=False)) == {}

@@ -37,9 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kd.errors import ConfigError, check_int
+from kd.errors import check_int
 from kd.losses.base import DistillationLoss, Stage, check_pairs, check_positive
-from kd.losses.common import as_map, conv_bn, match_spatial
+from kd.losses.common import as_map, conv_bn, feature, match_spatial
 from kd.losses.schedules import Schedule
 from kd.outputs import Batch, DataInfo, ModelOutput
 
@@ -83,15 +83,6 @@ def _frozen(connector: nn.Module, x: Tensor) -> Tensor:
     )
 
 
-def _feature(out: ModelOutput, name: str, key: str) -> Tensor:
-    if name not in out.features:
-        raise ConfigError(key, f"node {name!r} is not among the collected features {sorted(out.features)}")
-    try:
-        return as_map(out.features[name])
-    except ValueError as e:
-        raise ConfigError(key, f"node {name!r}: {e}") from None
-
-
 class ABLoss(DistillationLoss):
     """Activation-boundary distillation: an ``ab_init`` stage, then ``ce_weight * CE + weight * AB``.
 
@@ -130,8 +121,8 @@ class ABLoss(DistillationLoss):
         assert teacher is not None, "ABLoss needs the teacher's output"
         del self.connectors[:]
         for s_name, t_name in zip(self.student_nodes, self.teacher_nodes):
-            c_s = _feature(student, s_name, "student_nodes").shape[1]
-            f_t = _feature(teacher, t_name, "teacher_nodes")
+            c_s = feature(student, s_name, "student_nodes").shape[1]
+            f_t = feature(teacher, t_name, "teacher_nodes")
             connector = nn.Identity() if c_s == f_t.shape[1] else conv_bn(c_s, f_t.shape[1])
             self.connectors.append(connector.to(f_t.device))
 
@@ -185,4 +176,3 @@ class ABLoss(DistillationLoss):
 
     def extra_repr(self) -> str:
         return f"margin={self.margin:g}, init_epochs={self.init_epochs}, {super().extra_repr()}"
-

@@ -19,7 +19,7 @@ class Stage:
 
     FT trains its paraphraser on the teacher's features; AB and FSP first train the student's
     feature layers (and connectors) to imitate the teacher. kd runs every stage the same way
-    (``kd.stages.run_stage``): ``epochs`` epochs over the training data with the run's optimizer,
+    (``kd.stages.run_stages``): ``epochs`` epochs over the training data with the run's optimizer,
     updating only ``modules`` (and the student when ``train_student``), before the main training.
 
     Attributes:
@@ -114,7 +114,7 @@ class DistillationLoss(nn.Module):
         """
         terms: dict[str, Tensor] = {}
         if self.ce_weight > 0:
-            terms["ce"] = self.ce_weight * F.cross_entropy(student.logits, batch["target"])
+            terms["ce"] = self.ce_weight * F.cross_entropy(student.logits.float(), batch["target"])
         weight = self.weight(epoch)
         for name, value in self.loss_terms(student, teacher, batch).items():
             terms[name] = weight * value

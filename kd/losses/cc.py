@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from kd.errors import ConfigError, check_int
 from kd.losses.base import DistillationLoss, check_pairs, check_positive
-from kd.losses.common import flat
+from kd.losses.common import flat, full_precision
 from kd.losses.schedules import Schedule
 from kd.outputs import Batch, DataInfo, ModelOutput
 
@@ -53,7 +53,8 @@ def correlation_matrix(e: Tensor, gamma: float = 0.4, order: int = 2) -> Tensor:
         ``(B, B)`` in fp32 (or fp64 for fp64 input): ``sum_{p<=P} e^{-2g} (2g)^p / p! (x_i.x_j)^p``.
     """
     x = F.normalize(flat(e).to(torch.promote_types(e.dtype, torch.float32)), dim=1)  # (B, D)
-    sim = x @ x.t()  # (B, B), cosine similarities
+    with full_precision(x):  # in fp32: autocast would round the product to bf16/fp16
+        sim = x @ x.t()  # (B, B), cosine similarities
     psi = torch.zeros_like(sim)
     for p in range(order + 1):
         psi = psi + (2 * gamma) ** p / math.factorial(p) * sim.pow(p)

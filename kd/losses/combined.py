@@ -2,7 +2,8 @@
 
 The members are ordinary method configs composed under ``methods`` (see
 ``conf/distill/crd_kd.yaml``); each keeps its own ``weight`` (a number or a schedule) and
-``ce_weight``. Their terms are merged into one dict, so every term is logged on its own.
+``ce_weight``. Their terms are merged into one dict, so every term is logged on its own; a
+term whose name another member already used is logged as ``<member>_<term>``.
 """
 
 from __future__ import annotations
@@ -67,9 +68,8 @@ class Combined(DistillationLoss):
         terms: dict[str, Tensor] = {}
         for name, member in self.methods.items():
             for term, value in member(student, teacher, batch, epoch).items():
-                if term in terms:
-                    raise ConfigError(f"methods.{name}", f"its term {term!r} clashes with another method's")
-                terms[term] = value
+                # two members with the same term name (two FitNets) stay apart: <member>_<term>
+                terms[f"{name}_{term}" if term in terms else term] = value
         return terms
 
     def extra_repr(self) -> str:

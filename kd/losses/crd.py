@@ -26,8 +26,12 @@ taken, positive = the bank row at the sample's own index. Deviations:
 - Under DDP, the bank update uses every rank's embeddings and ``Z`` the mean over every rank's
   first batch, so all ranks keep identical state (the reference is single-process).
 - A sample index repeated in one update keeps its last row (the reference's ``index_copy_``
-  is nondeterministic there); the bank is left alone in eval mode; the math runs in fp32 under
-  autocast; ``F.normalize`` (eps 1e-12) replaces the plain division by the norm.
+  is nondeterministic there); the bank is left alone in eval mode; ``F.normalize`` (eps 1e-12)
+  replaces the plain division by the norm.
+- Precision: the math runs in fp32 out of autocast. The embeddings' linear layers run in their
+  weights' dtype (bf16 once Lightning's ``bf16-true`` converts the module) and normalise in fp32;
+  the banks and ``Z`` are buffers, so they take the module's dtype too: scores read the bank
+  rows in the anchor's fp32, and updates are computed in fp32 and stored in the bank's dtype.
 """
 
 from __future__ import annotations
@@ -36,13 +40,12 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kd.errors import ConfigError, check_int
 from kd.losses.base import DistillationLoss, check_pairs, check_positive, check_weight
-from kd.losses.common import flat
+from kd.losses.common import all_gather_rows, all_reduce_sum, feature, flat, full_precision
 from kd.losses.schedules import Schedule
 from kd.outputs import Batch, DataInfo, ModelOutput
 
@@ -77,7 +80,7 @@ def contrast_scores(anchor: Tensor, memory: Tensor, idx: Tensor, temperature: fl
 
     Args:
         anchor: ``(B, D)`` embeddings.
-        memory: ``(N, D)`` bank of the other network.
+        memory: ``(N, D)`` bank of the other network, any float dtype (read in ``anchor``'s).
         idx: ``(B, 1 + K)`` bank rows to score each anchor against.
         temperature: T > 0.
 
@@ -87,9 +90,10 @@ def contrast_scores(anchor: Tensor, memory: Tensor, idx: Tensor, temperature: fl
     (b, k1), (n, d) = idx.shape, memory.shape
     memory = memory.detach()
     if n * (d + b) <= b * k1 * d:  # the full score matrix holds fewer numbers than the gathered rows
-        dots = (anchor @ memory.clone().T).gather(1, idx)  # (B, N) -> (B, 1 + K)
+        bank = memory.to(anchor.dtype, copy=True)  # (N, D), a copy in the anchor's dtype
+        dots = (anchor @ bank.T).gather(1, idx)  # (B, N) -> (B, 1 + K)
     else:
-        rows = memory.index_select(0, idx.reshape(-1)).view(b, k1, d)  # (B, 1 + K, D), a copy
+        rows = memory.index_select(0, idx.reshape(-1)).view(b, k1, d).to(anchor.dtype)  # (B, 1 + K, D), a copy
         dots = torch.bmm(rows, anchor.unsqueeze(2)).squeeze(2)  # (B, 1 + K)
     return torch.exp(dots / temperature)
 
@@ -127,7 +131,7 @@ def sample_negatives(
         chunk = max(1, (1 << 24) // n)  # bounds the (rows, N) keys to 64 MB
         arange = torch.arange(n, device=order.device)
         for rows in distinct.split(chunk):
-            keys = torch.rand(rows.shape[0], n, device=order.device)  # (b, N)
+            keys = torch.rand(rows.shape[0], n, device=order.device, dtype=torch.float32)  # (b, N)
             own = (arange >= start[rows]) & (arange < start[rows] + count[rows])  # (b, N)
             keys.masked_fill_(own, 2.0)
             pos[rows] = keys.topk(k, dim=1, largest=False, sorted=False).indices
@@ -138,7 +142,8 @@ def sample_negatives(
 def update_memory(memory: Tensor, index: Tensor, emb: Tensor, momentum: float) -> None:
     """In place: ``memory[i] <- normalise(momentum * memory[i] + (1 - momentum) * emb)``.
 
-    ContrastMemory's update. A repeated index keeps its last row.
+    ContrastMemory's update, computed in fp32 (at least) and stored in the bank's dtype. A
+    repeated index keeps its last row.
 
     Args:
         memory: ``(N, D)`` bank.
@@ -151,55 +156,16 @@ def update_memory(memory: Tensor, index: Tensor, emb: Tensor, momentum: float) -
         where = torch.arange(index.shape[0], device=index.device)
         last = torch.full_like(uniq, -1).scatter_reduce(0, inverse, where, "amax")
         index, emb = index[last], emb[last]
-    rows = memory.index_select(0, index).mul_(momentum).add_(emb.to(memory.dtype), alpha=1 - momentum)
-    memory.index_copy_(0, index, F.normalize(rows, dim=1))
-
-
-def _world() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-@torch.no_grad()
-def all_gather_rows(index: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
-    """Every rank's ``(index, rows)`` concatenated in rank order, for the bank update.
-
-    Batches may differ in size across ranks: each pads to the largest with index -1, and the
-    padding is dropped after the gather. Without a process group of more than one rank, the
-    inputs come back unchanged.
-
-    Args:
-        index: ``(B,)`` sample indices on this rank.
-        rows: ``(B, D)`` their embeddings.
-
-    Returns:
-        ``(n,)`` indices and ``(n, D)`` rows of all ranks.
-    """
-    world = _world()
-    if world == 1:
-        return index, rows
-    size = torch.tensor([index.shape[0]], device=index.device)
-    dist.all_reduce(size, op=dist.ReduceOp.MAX)
-    pad = int(size.item()) - index.shape[0]
-    index = F.pad(index, (0, pad), value=-1).contiguous()  # (B_max,)
-    rows = F.pad(rows, (0, 0, 0, pad)).contiguous()  # (B_max, D)
-    indices, all_rows = [torch.empty_like(index) for _ in range(world)], [torch.empty_like(rows) for _ in range(world)]
-    dist.all_gather(indices, index)
-    dist.all_gather(all_rows, rows)
-    index, rows = torch.cat(indices), torch.cat(all_rows)  # (world * B_max,), (world * B_max, D)
-    keep = index >= 0
-    return index[keep], rows[keep]
-
-
-@torch.no_grad()
-def all_reduce_sum(x: Tensor) -> Tensor:
-    """``x`` summed over all ranks (``x`` itself on one process)."""
-    if _world() > 1:
-        dist.all_reduce(x, op=dist.ReduceOp.SUM)
-    return x
+    dtype = torch.promote_types(memory.dtype, torch.float32)
+    rows = memory.index_select(0, index).to(dtype).mul_(momentum).add_(emb.to(dtype), alpha=1 - momentum)  # (n, D)
+    memory.index_copy_(0, index, F.normalize(rows, dim=1).to(memory.dtype))
 
 
 class Embed(nn.Module):
-    """RepDistiller's ``Embed``: flatten, linear to ``dim_out``, L2-normalise; always in fp32.
+    """RepDistiller's ``Embed``: flatten, linear to ``dim_out``, L2-normalise; out of autocast.
+
+    The linear layer runs in its weights' dtype (fp32, or bf16 once the module is converted as
+    Lightning's ``bf16-true`` does), the normalisation in fp32; the output is fp32.
 
     Args:
         dim_in: Input features per sample.
@@ -211,8 +177,9 @@ class Embed(nn.Module):
         self.linear = nn.Linear(dim_in, dim_out)
 
     def forward(self, x: Tensor) -> Tensor:
-        with torch.autocast(x.device.type, enabled=False):
-            return F.normalize(self.linear(flat(x).float()), dim=1)  # (B, dim_out)
+        with full_precision(x):
+            y = self.linear(flat(x).to(self.linear.weight.dtype))  # (B, dim_out)
+            return F.normalize(y.to(torch.promote_types(y.dtype, torch.float32)), dim=1)  # (B, dim_out)
 
 
 class CRDLoss(DistillationLoss):
@@ -285,8 +252,8 @@ class CRDLoss(DistillationLoss):
         if targets.unique().numel() < 2:
             raise ConfigError("data", "CRD draws negatives from other classes, but the training labels hold one class")
         assert teacher is not None, "CRDLoss needs the teacher's output"
-        f_s = _feature(student, self.student_nodes[0], "student_nodes")
-        f_t = _feature(teacher, self.teacher_nodes[0], "teacher_nodes")
+        f_s = feature(student, self.student_nodes[0], "student_nodes", dims=None)
+        f_t = feature(teacher, self.teacher_nodes[0], "teacher_nodes", dims=None)
         device = f_s.device
         self.num_samples = n
         self.embed_s = Embed(flat(f_s).shape[1], self.feat_dim).to(device)
@@ -313,7 +280,7 @@ class CRDLoss(DistillationLoss):
             raise ConfigError("data", "CRD needs batch['index'] (the sample's index in the training split)")
         v_s = self.embed_s(student.features[self.student_nodes[0]])  # (B, feat_dim), fp32
         v_t = self.embed_t(teacher.features[self.teacher_nodes[0]].detach())  # (B, feat_dim)
-        with torch.autocast(v_s.device.type, enabled=False):
+        with full_precision(v_s):
             index = batch["index"].to(self.memory_s.device).long()  # (B,)
             negatives = sample_negatives(
                 self._targets[index], self._order, self._class_start, self._class_count, self.nce_k, self.replacement
@@ -353,9 +320,3 @@ class CRDLoss(DistillationLoss):
             f"feat_dim={self.feat_dim}, nce_k={self.nce_k}, nce_t={self.nce_t:g}, nce_mom={self.nce_mom:g}, "
             f"replacement={self.replacement}, {super().extra_repr()}"
         )
-
-
-def _feature(out: ModelOutput, name: str, key: str) -> Tensor:
-    if name not in out.features:
-        raise ConfigError(key, f"no feature {name!r} in the model's output (has {sorted(out.features)})")
-    return out.features[name]

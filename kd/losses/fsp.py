@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from kd.errors import ConfigError, check_int
 from kd.losses.base import DistillationLoss, Stage, check_pairs
-from kd.losses.common import as_map, match_spatial
+from kd.losses.common import as_map, feature, full_precision, match_spatial
 from kd.losses.schedules import Schedule
 from kd.outputs import Batch, DataInfo, ModelOutput
 
@@ -54,7 +54,7 @@ def fsp_matrix(f1: Tensor, f2: Tensor) -> Tensor:
     """
     f1, f2 = match_spatial(f1, f2)
     dtype = torch.promote_types(f1.dtype, torch.float32)
-    with torch.autocast(device_type=f1.device.type, enabled=False):
+    with full_precision(f1):
         a = f1.flatten(2).to(dtype)  # (B, C1, H * W)
         b = f2.flatten(2).to(dtype)  # (B, C2, H * W)
         return torch.bmm(a, b.transpose(1, 2)) / a.shape[-1]  # (B, C1, C2)
@@ -76,15 +76,6 @@ def fsp_loss(student: Sequence[Tensor], teacher: Sequence[Tensor]) -> Tensor:
         g_t = fsp_matrix(teacher[k], teacher[k + 1])  # (B, C_k, C_k+1)
         losses.append((g_s - g_t).pow(2).mean())
     return torch.stack(losses).sum()
-
-
-def _feature(out: ModelOutput, name: str, key: str) -> Tensor:
-    if name not in out.features:
-        raise ConfigError(key, f"node {name!r} is not among the collected features {sorted(out.features)}")
-    try:
-        return as_map(out.features[name])
-    except ValueError as e:
-        raise ConfigError(key, f"node {name!r}: {e}") from None
 
 
 class FSPLoss(DistillationLoss):
@@ -135,8 +126,8 @@ class FSPLoss(DistillationLoss):
             ConfigError: With ``connect: never``, if any pair's channel counts differ.
         """
         assert teacher is not None, "FSPLoss needs the teacher's output"
-        c_s = [_feature(student, n, "student_nodes").shape[1] for n in self.student_nodes]
-        f_t = [_feature(teacher, n, "teacher_nodes") for n in self.teacher_nodes]
+        c_s = [feature(student, n, "student_nodes").shape[1] for n in self.student_nodes]
+        f_t = [as_map(feature(teacher, n, "teacher_nodes")) for n in self.teacher_nodes]
         c_t = [f.shape[1] for f in f_t]
         if self.connect == "never" and c_s != c_t:
             raise ConfigError(

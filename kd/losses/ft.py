@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from kd.errors import ConfigError, check_int
 from kd.losses.base import DistillationLoss, Stage, check_pairs, check_positive
-from kd.losses.common import as_map, flat, match_spatial
+from kd.losses.common import as_map, feature, flat, match_spatial
 from kd.losses.schedules import Schedule
 from kd.outputs import Batch, DataInfo, ModelOutput
 
@@ -120,15 +120,6 @@ def factor_transfer_loss(factor_s: Tensor, factor_t: Tensor, p: int = 1) -> Tens
     return (s - t).abs().pow(p).mean()
 
 
-def _feature(out: ModelOutput, name: str, key: str) -> Tensor:
-    if name not in out.features:
-        raise ConfigError(key, f"node {name!r} is not among the collected features {sorted(out.features)}")
-    try:
-        return as_map(out.features[name])
-    except ValueError as e:
-        raise ConfigError(key, f"node {name!r}: {e}") from None
-
-
 class FTLoss(DistillationLoss):
     """Factor Transfer: ``ce_weight * CE + weight * L_FT``, after a paraphraser stage.
 
@@ -184,8 +175,8 @@ class FTLoss(DistillationLoss):
         del self.paraphrasers[:]
         del self.translators[:]
         for s_name, t_name in self.pairs:
-            f_s = _feature(student, s_name, "student_nodes")  # (B, C_s, H_s, W_s)
-            f_t = _feature(teacher, t_name, "teacher_nodes")  # (B, C_t, H_t, W_t)
+            f_s = as_map(feature(student, s_name, "student_nodes"))  # (B, C_s, H_s, W_s)
+            f_t = as_map(feature(teacher, t_name, "teacher_nodes"))  # (B, C_t, H_t, W_t)
             factor = max(1, round(self.rate * f_t.shape[1]))
             self.paraphrasers.append(Paraphraser(f_t.shape[1], factor).to(f_t.device))
             self.translators.append(translator(f_s.shape[1], factor).to(f_s.device))

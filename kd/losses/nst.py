@@ -30,7 +30,7 @@ from torch import Tensor
 
 from kd.errors import ConfigError
 from kd.losses.base import DistillationLoss, check_pairs
-from kd.losses.common import match_spatial
+from kd.losses.common import full_precision, match_spatial
 from kd.losses.schedules import Schedule
 from kd.outputs import Batch, DataInfo, ModelOutput
 
@@ -64,7 +64,7 @@ def nst_loss(f_s: Tensor, f_t: Tensor) -> Tensor:
     s = F.normalize(f_s.to(dtype).flatten(2), dim=2)  # (B, C_s, H * W)
     t = F.normalize(f_t.to(dtype).flatten(2), dim=2)  # (B, C_t, H * W)
     # Out of autocast: a bf16 product would round away the differences the loss measures.
-    with torch.autocast(s.device.type, enabled=False):
+    with full_precision(s):
         tt = poly_kernel(t, t).mean()
         ss = poly_kernel(s, s).mean()
         st = poly_kernel(s, t).mean()
@@ -118,3 +118,6 @@ class NSTLoss(DistillationLoss):
         assert teacher is not None, "NSTLoss needs the teacher's output"
         pairs = zip(self.student_nodes, self.teacher_nodes)
         return {"nst": sum(nst_loss(student.features[s], teacher.features[t]) for s, t in pairs)}
+
+    def extra_repr(self) -> str:
+        return f"kernel=(x.y)^2, pairs={len(self.student_nodes)}, {super().extra_repr()}"

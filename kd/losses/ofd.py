@@ -34,9 +34,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from kd.errors import ConfigError
 from kd.losses.base import DistillationLoss, check_pairs, node_list
-from kd.losses.common import conv_bn, match_spatial
+from kd.losses.common import conv_bn, feature, match_spatial
 from kd.losses.schedules import Schedule
 from kd.outputs import Batch, DataInfo, ModelOutput
 
@@ -99,7 +98,7 @@ def channel_mean_std(f: Tensor, distributed: bool = False) -> tuple[Tensor, Tens
         ``(C,)`` means and ``(C,)`` standard deviations, fp32.
     """
     x = f.detach().float().transpose(0, 1).reshape(f.shape[1], -1)  # (C, B*H*W)
-    count = torch.tensor(float(x.shape[1]), device=x.device)
+    count = torch.tensor(float(x.shape[1]), device=x.device, dtype=x.dtype)  # not bf16-true's default
     total = x.sum(dim=1)  # (C,)
     if distributed:
         dist.all_reduce(count)
@@ -151,8 +150,8 @@ class OFDLoss(DistillationLoss):
             ConfigError: If a feature is not a ``(B, C, H, W)`` map.
         """
         assert teacher is not None, "OFD needs the teacher's output"
-        f_s = [_feature_map(student, n, "student_nodes") for n in self.student_nodes]
-        f_t = [_feature_map(teacher, n, "teacher_nodes") for n in self.teacher_nodes]
+        f_s = [feature(student, n, "student_nodes", dims=(4,)) for n in self.student_nodes]  # pre-ReLU maps
+        f_t = [feature(teacher, n, "teacher_nodes", dims=(4,)) for n in self.teacher_nodes]
         device = f_s[0].device
         self.connectors = nn.ModuleList(conv_bn(s.shape[1], t.shape[1]) for s, t in zip(f_s, f_t)).to(device)
         for i, t in enumerate(f_t):
@@ -190,9 +189,6 @@ class OFDLoss(DistillationLoss):
             total = total + ofd_loss(s, t, m) / 2 ** (n - i - 1)
         return {"ofd": total}
 
-
-def _feature_map(out: ModelOutput, name: str, key: str) -> Tensor:
-    f = out.features[name]
-    if f.dim() != 4:
-        raise ConfigError(key, f"{name!r} must be a (B, C, H, W) pre-ReLU map, got shape {tuple(f.shape)}")
-    return f
+    def extra_repr(self) -> str:
+        margins = "estimated" if self._margins_ready or bool(self.margins_estimated) else "pending"
+        return f"pairs={len(self.student_nodes)}, margins={margins}, {super().extra_repr()}"

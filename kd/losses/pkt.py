@@ -12,8 +12,9 @@ As the authors' code (passalis/probabilistic_kt, ``nn/pkt.py``), RepDistiller
 vector is divided by ``norm + eps`` (eps 1e-7), the rows are normalised *including* the sample
 itself (the paper's conditional probabilities leave ``j = i`` out), the divergence is
 ``mean_ij p_ij * log((p_ij + eps) / (q_ij + eps))``, i.e. the paper's sum divided by ``B^2``, and
-features are flattened to one vector per sample. kd computes it in fp32 and does not zero NaNs in
-the normalised features as the reference does (a NaN feature should surface, not be hidden).
+features are flattened to one vector per sample. kd computes it in fp32 (the product out of
+autocast, which would run it in bf16/fp16) and does not zero NaNs in the normalised features as
+the reference does (a NaN feature should surface, not be hidden).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 from torch import Tensor
 
 from kd.losses.base import DistillationLoss, check_pairs, check_positive
-from kd.losses.common import flat
+from kd.losses.common import flat, full_precision
 from kd.losses.schedules import Schedule
 from kd.outputs import Batch, ModelOutput
 
@@ -41,7 +42,8 @@ def pkt_probabilities(f: Tensor, eps: float = 1e-7) -> Tensor:
     """
     x = flat(f).to(torch.promote_types(f.dtype, torch.float32))  # (B, D)
     x = x / (x.norm(dim=1, keepdim=True) + eps)  # (B, D)
-    k = (x @ x.t() + 1.0) / 2.0  # (B, B), in [0, 1]
+    with full_precision(x):  # in fp32: autocast would round the product to bf16/fp16
+        k = (x @ x.t() + 1.0) / 2.0  # (B, B), in [0, 1]
     return k / k.sum(dim=1, keepdim=True)  # (B, B)
 
 

@@ -17,8 +17,9 @@ As the authors' code (lenscloth/RKD, ``metric/loss.py``) and RepDistiller
 mean of the positive entries of the ``B x B`` distance matrix, the smooth L1 losses average over
 all ``B x B`` (distance) and ``B x B x B`` (angle) entries, degenerate ones included (they are
 equal for both models: 0 on the diagonal, 1 where ``i = k``), and features are flattened to one
-vector per sample. kd computes both in fp32 and guards the batch of one (or of identical samples),
-whose mean distance is zero, instead of returning NaN.
+vector per sample. kd computes both in fp32 (the products out of autocast, which would run them
+in bf16/fp16) and guards the batch of one (or of identical samples), whose mean distance is zero,
+instead of returning NaN.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from torch import Tensor
 
 from kd.errors import ConfigError
 from kd.losses.base import DistillationLoss, check_pairs, check_weight
-from kd.losses.common import flat
+from kd.losses.common import flat, full_precision
 from kd.losses.schedules import Schedule
 from kd.outputs import Batch, ModelOutput
 
@@ -54,7 +55,8 @@ def pairwise_distances(e: Tensor, eps: float = 1e-12) -> Tensor:
         ``(B, B)`` distances.
     """
     sq = e.pow(2).sum(dim=1)  # (B,)
-    d2 = (sq[:, None] + sq[None, :] - 2 * e @ e.t()).clamp(min=eps)  # (B, B)
+    with full_precision(e):  # in e's dtype: autocast would round the product to bf16/fp16
+        d2 = (sq[:, None] + sq[None, :] - 2 * e @ e.t()).clamp(min=eps)  # (B, B)
     eye = torch.eye(e.shape[0], dtype=torch.bool, device=e.device)
     return d2.sqrt().masked_fill(eye, 0.0)  # (B, B)
 
@@ -84,7 +86,8 @@ def triplet_angles(e: Tensor) -> Tensor:
         ``(B, B, B)``; entries with ``i = j`` or ``k = j`` are 0.
     """
     unit = F.normalize(e[None, :, :] - e[:, None, :], p=2, dim=2)  # (B, B, D): [j, i] ~ e_i - e_j
-    return unit @ unit.transpose(1, 2)  # (B, B, B)
+    with full_precision(unit):  # in e's dtype, not autocast's
+        return unit @ unit.transpose(1, 2)  # (B, B, B)
 
 
 def rkd_distance_loss(e_s: Tensor, e_t: Tensor) -> Tensor:

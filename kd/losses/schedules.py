@@ -12,6 +12,12 @@ import math
 from kd.errors import ConfigError, check_int
 
 
+def _check_value(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
+        raise ConfigError(name, f"must be a number >= 0 and finite, got {value!r}")
+    return float(value)
+
+
 class Schedule:
     """A weight as a function of the 0-based epoch."""
 
@@ -27,7 +33,7 @@ class Constant(Schedule):
     """
 
     def __init__(self, value: float) -> None:
-        self.value = float(value)
+        self.value = _check_value("value", value)
 
     def __call__(self, epoch: int) -> float:
         return self.value
@@ -47,11 +53,11 @@ class LinearWarmup(Schedule):
         epochs: Length of the ramp, >= 1.
 
     Raises:
-        ConfigError: If ``epochs`` is not a positive integer.
+        ConfigError: If ``epochs`` is not a positive integer or ``value`` is negative.
     """
 
     def __init__(self, value: float, epochs: int) -> None:
-        self.value = float(value)
+        self.value = _check_value("value", value)
         self.epochs = check_int("epochs", epochs, 1, valid=">= 1")
 
     def __call__(self, epoch: int) -> float:
@@ -71,9 +77,9 @@ class StepUntil(Schedule):
     """
 
     def __init__(self, value: float, epoch: int, after: float = 0.0) -> None:
-        self.value = float(value)
+        self.value = _check_value("value", value)
         self.epoch = check_int("epoch", epoch, 0, valid=">= 0")
-        self.after = float(after)
+        self.after = _check_value("after", after)
 
     def __call__(self, epoch: int) -> float:
         return self.value if epoch < self.epoch else self.after

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from kd.errors import ConfigError
 from kd.losses.base import DistillationLoss, check_pairs
-from kd.losses.common import flat
+from kd.losses.common import flat, full_precision
 from kd.losses.schedules import Schedule
 from kd.outputs import Batch, ModelOutput
 
@@ -40,7 +40,7 @@ def similarity_matrix(f: Tensor) -> Tensor:
     q = flat(f.to(torch.promote_types(f.dtype, torch.float32)))  # (B, D)
     # Autocast would run the product in bf16/fp16, whose rounding is of the order of the
     # student-teacher differences the loss measures.
-    with torch.autocast(q.device.type, enabled=False):
+    with full_precision(q):
         return F.normalize(q @ q.t(), dim=1)  # (B, B)
 
 

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from kd.errors import ConfigError
 from kd.losses.base import DistillationLoss, check_pairs, check_positive
-from kd.losses.common import as_map, match_spatial
+from kd.losses.common import as_map, feature, match_spatial
 from kd.losses.schedules import Schedule
 from kd.outputs import Batch, DataInfo, ModelOutput
 
@@ -147,8 +147,8 @@ class VIDLoss(DistillationLoss):
         assert teacher is not None, "VIDLoss needs the teacher's output"
         pairs = []
         for s, t in zip(self.student_nodes, self.teacher_nodes):
-            f_s = _map("student_nodes", s, student.features[s])
-            f_t = _map("teacher_nodes", t, teacher.features[t])
+            f_s = as_map(feature(student, s, "student_nodes"))
+            f_t = as_map(feature(teacher, t, "teacher_nodes"))
             pairs.append(VIDPair(f_s.shape[1], f_t.shape[1], self.init_pred_var, self.eps).to(f_s.device))
         self.pairs = nn.ModuleList(pairs)
 
@@ -166,10 +166,3 @@ class VIDLoss(DistillationLoss):
 
     def extra_repr(self) -> str:
         return f"init_pred_var={self.init_pred_var:g}, eps={self.eps:g}, {super().extra_repr()}"
-
-
-def _map(key: str, node: str, f: Tensor) -> Tensor:
-    if f.dim() not in (2, 4):
-        raise ConfigError(key, f"VID needs (B, C, H, W) maps or (B, C) embeddings, but {node!r} has "
-                               f"shape {tuple(f.shape)}")
-    return as_map(f)

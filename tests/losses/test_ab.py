@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import pytest
 import torch
 from torch import nn
@@ -38,6 +41,23 @@ def _built(s_shapes, t_shapes, **kwargs):
     loss = ABLoss(student_nodes=list(student.features), teacher_nodes=list(teacher.features), **kwargs)
     loss.setup(student, teacher, DATA)
     return loss, student, teacher, batch
+
+
+@contextmanager
+def _bf16_true() -> Iterator[None]:
+    """As Lightning's ``bf16-true`` forward context: tensors created without a dtype are bf16."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def _bf16(out: ModelOutput) -> ModelOutput:
+    """A copy of ``out`` in bf16, as a ``bf16-true`` model gives, with fresh leaf features."""
+    features = {k: v.detach().bfloat16().requires_grad_() for k, v in out.features.items()}
+    return ModelOutput(out.logits.detach().bfloat16(), features)
 
 
 def test_alternative_l2_case_by_case() -> None:
@@ -150,6 +170,23 @@ def test_main_weight_defaults_to_zero_as_repdistiller() -> None:
 
 def test_no_stage_with_zero_init_epochs() -> None:
     assert ABLoss(["a"], ["b"], init_epochs=0).stages() == []
+
+
+def test_a_bf16_module_runs_both_stages_on_bf16_features() -> None:
+    # precision="bf16-true" converts the loss (connectors, BN statistics) to bf16 and feeds bf16 features.
+    loss, student, teacher, batch = _built([(2, 4, 4, 4), (2, 8, 2, 2)], [(2, 6, 4, 4), (2, 12, 2, 2)], weight=1.0)
+    s, t = _bf16(student), _bf16(teacher)
+    expected = loss.ab_loss(student, teacher, frozen=True).item()  # the fp32 module on fp32 features
+    loss = loss.to(torch.bfloat16)
+    with _bf16_true():
+        main = loss(s, t, batch)["ab"]
+        init = loss.stages()[0].loss(s, t, batch)["ab"]
+    (init + main).backward()
+    assert init.dtype == main.dtype == torch.float32
+    assert main.item() == pytest.approx(expected, rel=2e-2)
+    for p in loss.connectors.parameters():
+        assert p.grad is not None and p.grad.dtype == torch.bfloat16 and p.grad.abs().sum() > 0
+    assert all(f.grad.abs().sum() > 0 for f in s.features.values())
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -19,6 +21,23 @@ DATA = DataInfo(num_classes=3, num_samples=10)
 def out(**features: torch.Tensor) -> ModelOutput:
     b = next(iter(features.values())).shape[0]
     return ModelOutput(logits=torch.zeros(b, 3), features=features)
+
+
+@contextmanager
+def _bf16_true() -> Iterator[None]:
+    """As Lightning's ``bf16-true`` forward context: tensors created without a dtype are bf16."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def _bf16(out: ModelOutput) -> ModelOutput:
+    """A copy of ``out`` in bf16, as a ``bf16-true`` model gives, with fresh leaf features."""
+    features = {k: v.detach().bfloat16().requires_grad_() for k, v in out.features.items()}
+    return ModelOutput(out.logits.detach().bfloat16(), features)
 
 
 def hand_psi(e: np.ndarray, gamma: float, order: int) -> np.ndarray:
@@ -123,6 +142,39 @@ def test_bf16_features_are_computed_in_fp32() -> None:
     s, t = torch.randn(4, 4).bfloat16(), torch.randn(4, 4).bfloat16()
     value = loss.loss_terms(out(s=s), out(t=t), {})["cc"]
     assert value.dtype == torch.float32
+
+
+def test_bf16_autocast_gives_the_fp32_value_of_a_near_copy() -> None:
+    # Equal widths (no learned embedding, which autocast may run in bf16). The student differs
+    # from the teacher by 1e-3: bf16 similarities would round by more than that.
+    g = torch.Generator().manual_seed(6)
+    t = torch.randn(16, 64, generator=g)
+    s = t + 1e-3 * torch.randn(16, 64, generator=g)
+    loss = CCLoss(["s"], ["t"])
+    loss.setup(out(s=s[:2]), out(t=t[:2]), DATA)
+    full = loss.loss_terms(out(s=s), out(t=t), {})["cc"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = loss.loss_terms(out(s=s), out(t=t), {})["cc"]
+    torch.testing.assert_close(low, full, rtol=1e-3, atol=0.0)
+
+
+def test_a_bf16_module_runs_forward_and_backward_on_bf16_features() -> None:
+    # precision="bf16-true" converts the loss (the student's linear embedding) to bf16 and feeds bf16 features.
+    g = torch.Generator().manual_seed(7)
+    student, teacher = out(s=torch.randn(8, 4, generator=g)), out(t=torch.randn(8, 6, generator=g))
+    loss = CCLoss(["s"], ["t"], weight=1.0)
+    loss.setup(student, teacher, DATA)
+    expected = loss.loss_terms(student, teacher, {})["cc"].item()  # the fp32 module on fp32 features
+    loss = loss.to(torch.bfloat16)
+    s, t = _bf16(student), _bf16(teacher)
+    with _bf16_true():
+        value = loss(s, t, {"target": torch.zeros(8, dtype=torch.long)})["cc"]
+    value.backward()
+    assert value.dtype == torch.float32
+    assert value.item() == pytest.approx(expected, rel=2e-2)
+    for p in loss.parameters():
+        assert p.grad is not None and p.grad.dtype == torch.bfloat16 and p.grad.abs().sum() > 0
+    assert s.features["s"].grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize(

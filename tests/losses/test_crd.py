@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from kd.errors import ConfigError
-from kd.losses import crd as crd_module
-from kd.losses.crd import CRDLoss, all_gather_rows, contrast_loss, contrast_scores, sample_negatives, update_memory
+from kd.losses import common as common_module
+from kd.losses.common import all_gather_rows
+from kd.losses.crd import CRDLoss, contrast_loss, contrast_scores, sample_negatives, update_memory
 from kd.outputs import DataInfo, ModelOutput
 
 
@@ -258,6 +261,63 @@ def test_bf16_autocast_features_give_an_fp32_loss() -> None:
     assert values[0].item() == pytest.approx(values[1].item(), rel=1e-6)
 
 
+@contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """As Lightning's ``bf16-true`` forward context: tensors created without a dtype get ``dtype``."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+@pytest.mark.parametrize("nce_k", [5, 20])  # scores from gathered bank rows / from the full (B, N) matrix
+def test_a_bf16_module_runs_forward_and_backward_on_bf16_features(nce_k: int) -> None:
+    # precision="bf16-true" converts the whole module (embeddings, banks, Z) to bf16 and feeds bf16
+    # features; the loss must run, train the bf16 embeddings and match the fp32 module closely.
+    targets = torch.arange(30) % 3
+    f_s, f_t = torch.randn(6, 4).bfloat16(), torch.randn(6, 6).bfloat16()
+    batch = {"index": torch.arange(6), "target": targets[:6]}
+    torch.manual_seed(9)
+    full = _crd(targets, nce_k=nce_k, weight=1.0)
+    low = CRDLoss(["s"], ["t"], feat_dim=8, nce_k=nce_k, weight=1.0)
+    low.setup(*_outputs(torch.randn(2, 4), torch.randn(2, 6)), DataInfo(3, 30, targets))
+    low.load_state_dict(full.state_dict())
+    low = low.to(torch.bfloat16).train()
+    assert low.embed_s.linear.weight.dtype == low.memory_s.dtype == low.z_s.dtype == torch.bfloat16
+    s = f_s.clone().requires_grad_()
+    torch.manual_seed(10)
+    expected = full.loss_terms(*_outputs(f_s.float(), f_t.float()), batch)["crd"]
+    torch.manual_seed(10)  # the same negatives
+    with _default_dtype(torch.bfloat16):
+        terms = low(*_outputs(s, f_t), batch)
+    terms["crd"].backward()
+    assert terms["crd"].dtype == torch.float32
+    assert terms["crd"].item() == pytest.approx(expected.item(), rel=1e-2)
+    assert s.grad is not None and s.grad.dtype == torch.bfloat16 and s.grad.abs().sum() > 0
+    for p in (*low.embed_s.parameters(), *low.embed_t.parameters()):
+        assert p.grad is not None and p.grad.dtype == torch.bfloat16 and p.grad.abs().sum() > 0
+    assert low.memory_s.dtype == low.memory_t.dtype == torch.bfloat16  # updated in place, dtype kept
+    for bank in (low.memory_s, low.memory_t):
+        torch.testing.assert_close(bank[:6].float().norm(dim=1), torch.ones(6), atol=1e-2, rtol=0)
+    assert low.z_s.item() > 0 and low.z_t.item() > 0
+
+
+def test_negatives_do_not_depend_on_the_default_dtype() -> None:
+    # bf16-true makes bf16 the default dtype in the forward; the sampling keys must stay fp32 (bf16
+    # keys tie often among hundreds of samples, and ties are not broken uniformly).
+    targets = torch.arange(400) % 4
+    order, start, count = _class_index(targets)
+    labels = torch.tensor([0, 1, 2, 3])
+    torch.manual_seed(11)
+    expected = sample_negatives(labels, order, start, count, 150, replacement=False)
+    torch.manual_seed(11)
+    with _default_dtype(torch.bfloat16):
+        got = sample_negatives(labels, order, start, count, 150, replacement=False)
+    torch.testing.assert_close(got.sort(dim=1).values, expected.sort(dim=1).values)
+
+
 # --- bad input --------------------------------------------------------------------------------------
 
 
@@ -341,7 +401,7 @@ class _FakeTwoRanks:
 def test_gather_pads_unequal_batches_and_drops_the_padding(monkeypatch, sizes) -> None:
     mine = torch.arange(sizes[0]), torch.randn(sizes[0], 4)
     peer = torch.arange(10, 10 + sizes[1]), torch.randn(sizes[1], 4)
-    monkeypatch.setattr(crd_module, "dist", _FakeTwoRanks(peer))
+    monkeypatch.setattr(common_module, "dist", _FakeTwoRanks(peer))
     index, rows = all_gather_rows(*mine)
     torch.testing.assert_close(index, torch.cat([mine[0], peer[0]]))
     torch.testing.assert_close(rows, torch.cat([mine[1], peer[1]]))

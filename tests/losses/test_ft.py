@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -33,6 +35,23 @@ def _built(s_shapes, t_shapes, **kwargs) -> tuple[FTLoss, ModelOutput, ModelOutp
     loss = FTLoss(student_nodes=list(student.features), teacher_nodes=list(teacher.features), **kwargs)
     loss.setup(student, teacher, DATA)
     return loss, student, teacher, batch
+
+
+@contextmanager
+def _bf16_true() -> Iterator[None]:
+    """As Lightning's ``bf16-true`` forward context: tensors created without a dtype are bf16."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def _bf16(out: ModelOutput) -> ModelOutput:
+    """A copy of ``out`` in bf16, as a ``bf16-true`` model gives, with fresh leaf features."""
+    features = {k: v.detach().bfloat16().requires_grad_() for k, v in out.features.items()}
+    return ModelOutput(out.logits.detach().bfloat16(), features)
 
 
 def test_ft_loss_matches_a_value_worked_by_hand() -> None:
@@ -175,6 +194,23 @@ def test_pooled_embeddings_are_used_as_1x1_maps() -> None:
 
 def test_no_stage_with_zero_init_epochs() -> None:
     assert FTLoss(["a"], ["b"], init_epochs=0).stages() == []
+
+
+def test_a_bf16_module_runs_both_stages_on_bf16_features() -> None:
+    # precision="bf16-true" converts the loss (paraphraser, translator, BN) to bf16 and feeds bf16 features.
+    loss, student, teacher, batch = _built([(2, 4, 8, 8)], [(2, 6, 4, 4)], weight=1.0)
+    s, t = _bf16(student), _bf16(teacher)
+    expected = loss.loss_terms(student, teacher, batch)["ft"].item()  # the fp32 module on fp32 features
+    loss = loss.to(torch.bfloat16)
+    with _bf16_true():
+        main = loss(s, t, batch)["ft"]
+        rec = loss.stages()[0].loss(None, t, batch)["ft_rec"]
+    (main + rec).backward()
+    assert main.dtype == rec.dtype == torch.float32
+    assert main.item() == pytest.approx(expected, rel=2e-2)
+    for p in (*loss.paraphrasers.parameters(), *loss.translators.parameters()):
+        assert p.grad is not None and p.grad.dtype == torch.bfloat16 and p.grad.abs().sum() > 0
+    assert s.features["s0"].grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize(

@@ -143,3 +143,7 @@ def test_kernels_stay_fp32_under_bf16_autocast() -> None:
         low = nst_loss(f_s, f_t)
     assert low.dtype == torch.float32
     assert low.item() == pytest.approx(nst_loss(f_s, f_t).item(), rel=1e-6)
+
+
+def test_repr_shows_the_kernel_pairs_and_weights() -> None:
+    assert repr(NSTLoss(["a", "b"], ["c", "d"])) == "NSTLoss(kernel=(x.y)^2, pairs=2, ce_weight=1, weight=50)"

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -122,6 +125,23 @@ def _ofd(n: int, **kwargs) -> OFDLoss:
     return OFDLoss([f"s{i}" for i in range(n)], [f"t{i}" for i in range(n)], **kwargs)
 
 
+@contextmanager
+def _bf16_true() -> Iterator[None]:
+    """As Lightning's ``bf16-true`` forward context: tensors created without a dtype are bf16."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def _bf16(out: ModelOutput) -> ModelOutput:
+    """A copy of ``out`` in bf16, as a ``bf16-true`` model gives, with fresh leaf features."""
+    features = {k: v.detach().bfloat16().requires_grad_() for k, v in out.features.items()}
+    return ModelOutput(out.logits.detach().bfloat16(), features)
+
+
 def _make_identity(loss: OFDLoss) -> None:
     with torch.no_grad():
         for conv, bn in loss.connectors:
@@ -222,6 +242,37 @@ def test_config_reads_the_preact_taps_with_the_authors_weights() -> None:
     assert loss.ce_weight == 1.0 and loss.weight(0) == pytest.approx(1e-3)
 
 
+def test_a_bf16_module_runs_forward_and_backward_on_bf16_features() -> None:
+    # precision="bf16-true" converts the loss (connectors, BN, margins) to bf16 and feeds bf16 features.
+    torch.manual_seed(7)
+    student, teacher = _outputs([(4, 3, 4, 4), (4, 5, 2, 2)], [(4, 6, 4, 4), (4, 8, 2, 2)])
+    loss = _ofd(2, weight=1.0)
+    loss.setup(student, teacher, DATA)
+    reference = copy.deepcopy(loss)
+    expected = reference.loss_terms(student, teacher, {})["ofd"].item()  # the fp32 module on fp32 features
+    loss = loss.to(torch.bfloat16)
+    s, t = _bf16(student), _bf16(teacher)
+    with _bf16_true():
+        value = loss(s, t, {"target": torch.arange(4)})["ofd"]
+    value.backward()
+    assert value.dtype == torch.float32
+    assert value.item() == pytest.approx(expected, rel=2e-2)
+    for p in loss.connectors.parameters():
+        assert p.grad is not None and p.grad.dtype == torch.bfloat16 and p.grad.abs().sum() > 0
+    assert bool(loss.margins_estimated) and loss.margin0.dtype == torch.bfloat16
+    assert all(f.grad.abs().sum() > 0 for f in s.features.values())
+
+
+def test_channel_statistics_do_not_depend_on_the_default_dtype() -> None:
+    # bf16-true makes bf16 the default dtype in the forward; the count B * H * W = 273 is not a
+    # bf16 number, so it must not be created in the default dtype.
+    f = torch.randn(3, 2, 7, 13) * 2 + 1
+    expected = channel_mean_std(f)
+    with _bf16_true():
+        got = channel_mean_std(f)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=0.0)
+
+
 @pytest.mark.parametrize(
     "kwargs, key",
     [
@@ -243,6 +294,22 @@ def test_setup_rejects_features_that_are_not_maps() -> None:
     with pytest.raises(ConfigError) as err:
         _ofd(1).setup(s, t, DATA)
     assert err.value.key == "teacher_nodes"
+
+
+def test_setup_names_a_missing_node() -> None:
+    s, t = _outputs([(2, 3, 4, 4)], [(2, 3, 4, 4)])
+    with pytest.raises(ConfigError, match="nope") as err:
+        OFDLoss(["s0"], ["nope"]).setup(s, t, DATA)
+    assert err.value.key == "teacher_nodes"
+
+
+def test_repr_shows_the_pairs_the_margins_state_and_weights() -> None:
+    s, t = _outputs([(4, 3, 4, 4)], [(4, 6, 4, 4)])
+    loss = _ofd(1)
+    loss.setup(s, t, DATA)
+    assert "pairs=1, margins=pending, ce_weight=1, weight=0.001" in repr(loss)
+    loss.train().loss_terms(s, t, {})
+    assert "margins=estimated" in repr(loss)
 
 
 def test_loss_before_setup_says_so() -> None:

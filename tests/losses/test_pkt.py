@@ -85,6 +85,19 @@ def test_maps_are_flattened_and_bf16_is_computed_in_fp32() -> None:
     assert loss.loss_terms(out(s=s.bfloat16()), out(t=t.bfloat16()), {})["pkt"].dtype == torch.float32
 
 
+def test_bf16_autocast_gives_the_fp32_value_of_a_near_copy() -> None:
+    # The student differs from the teacher by 1e-3: a bf16 kernel would round the probabilities
+    # by more than the differences the loss measures.
+    g = torch.Generator().manual_seed(5)
+    t = torch.randn(16, 64, generator=g)
+    s = t + 1e-3 * torch.randn(16, 64, generator=g)
+    loss = PKTLoss(["s"], ["t"])
+    full = loss.loss_terms(out(s=s), out(t=t), {})["pkt"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = loss.loss_terms(out(s=s), out(t=t), {})["pkt"]
+    torch.testing.assert_close(low, full, rtol=1e-3, atol=0.0)
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [{"eps": 0.0}, {"eps": -1e-7}, {"weight": -1.0}, {"teacher_nodes": ["t", "u"]}, {"student_nodes": []}],

@@ -110,6 +110,20 @@ def test_maps_are_flattened_and_bf16_is_computed_in_fp32() -> None:
     assert all(v.dtype == torch.float32 for v in low.values())
 
 
+def test_bf16_autocast_gives_the_fp32_value_of_a_near_copy() -> None:
+    # The student differs from the teacher by 1e-3: bf16 products (8-bit mantissa) would round
+    # the distances and cosines by more than the differences the loss measures.
+    g = torch.Generator().manual_seed(5)
+    t = torch.randn(16, 64, generator=g)
+    s = t + 1e-3 * torch.randn(16, 64, generator=g)
+    loss = RKDLoss(["s"], ["t"])
+    full = loss.loss_terms(out(s=s), out(t=t), {})
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = loss.loss_terms(out(s=s), out(t=t), {})
+    for k in full:
+        torch.testing.assert_close(low[k], full[k], rtol=1e-3, atol=0.0)
+
+
 def test_a_batch_without_distinct_samples_gives_zero_not_nan() -> None:
     loss = RKDLoss(["s"], ["t"])
     one = loss.loss_terms(out(s=torch.randn(1, 4)), out(t=torch.randn(1, 8)), {})

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -25,6 +27,23 @@ def built(s: torch.Tensor, t: torch.Tensor, **kwargs) -> VIDLoss:
     loss = VIDLoss(["s"], ["t"], **kwargs)
     loss.setup(out(s=s[:2]), out(t=t[:2]), DATA)
     return loss
+
+
+@contextmanager
+def _bf16_true() -> Iterator[None]:
+    """As Lightning's ``bf16-true`` forward context: tensors created without a dtype are bf16."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def _bf16(out: ModelOutput) -> ModelOutput:
+    """A copy of ``out`` in bf16, as a ``bf16-true`` model gives, with fresh leaf features."""
+    features = {k: v.detach().bfloat16().requires_grad_() for k, v in out.features.items()}
+    return ModelOutput(out.logits.detach().bfloat16(), features)
 
 
 def hand_nll(mu: np.ndarray, t: np.ndarray, var: np.ndarray) -> float:
@@ -149,6 +168,24 @@ def test_setup_rejects_features_that_are_neither_maps_nor_embeddings() -> None:
         built(torch.rand(2, 3, 4), torch.rand(2, 3, 4, 4))
     with pytest.raises(RuntimeError, match="setup"):
         VIDLoss(["s"], ["t"]).loss_terms(out(s=torch.rand(2, 3, 4, 4)), out(t=torch.rand(2, 3, 4, 4)), {})
+
+
+def test_a_bf16_module_runs_forward_and_backward_on_bf16_features() -> None:
+    # precision="bf16-true" converts the loss (regressors, log_scale) to bf16 and feeds bf16 features.
+    g = torch.Generator().manual_seed(7)
+    student, teacher = out(s=torch.rand(2, 4, 4, 4, generator=g)), out(t=torch.rand(2, 6, 2, 2, generator=g))
+    loss = built(student.features["s"], teacher.features["t"])
+    expected = loss.loss_terms(student, teacher, {})["vid"].item()  # the fp32 module on fp32 features
+    loss = loss.to(torch.bfloat16)
+    s, t = _bf16(student), _bf16(teacher)
+    with _bf16_true():
+        value = loss(s, t, {"target": torch.tensor([0, 1])})["vid"]
+    value.backward()
+    assert value.dtype == torch.float32
+    assert value.item() == pytest.approx(expected, rel=1e-2)
+    for p in loss.parameters():
+        assert p.grad is not None and p.grad.dtype == torch.bfloat16 and p.grad.abs().sum() > 0
+    assert s.features["s"].grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize(
