@@ -143,6 +143,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "give the run a new directory (hydra.run.dir=...)"
         )
     seed = check_seed(cfg)
+    if cfg.stages.max_epochs is not None:
+        check_int("stages.max_epochs", cfg.stages.max_epochs, 1, valid=">= 1 or null")
     L.seed_everything(seed, workers=True, verbose=False)
     datamodule = instantiate_checked(cfg.data, "data")
     criterion = instantiate_checked(cfg.distill, "distill")
@@ -172,7 +174,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         student=student, criterion=criterion, datamodule=datamodule, teacher=teacher,
         trainer=trainer, optimization=optimization, features=features,
         make_stage_trainer=lambda epochs: instantiate_checked(
-            cfg.trainer, "trainer", max_epochs=epochs, callbacks=[], logger=False,
+            cfg.trainer, "trainer", max_epochs=min(epochs, cfg.stages.max_epochs or epochs), callbacks=[], logger=False,
             enable_checkpointing=False, limit_val_batches=0, num_sanity_val_steps=0,
             **stage_strategy(cfg),
         ),

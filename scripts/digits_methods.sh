@@ -20,6 +20,6 @@ for f in sorted(Path(sys.argv[1]).glob("*/results.json")):
     rows.append((r["config"]["distill"].get("_target_", "?").rsplit(".", 1)[-1], r["overrides"],
                  100 * s["metrics"]["val/acc"], 100 * s["metrics"]["test/acc"], 100 * s["final_metrics"]["test/acc"], r["wall_time_s"]))
 print(f"{'overrides':<22} {'method':<16} {'val':>6} {'test':>6} {'test(final)':>11} {'time s':>7}")
-for m, o, v, t, tf, w in rows:
+for m, o, v, t, tf, w in sorted(rows, key=lambda r: r[1]):
     print(f"{' '.join(o):<22} {m:<16} {v:6.2f} {t:6.2f} {tf:11.2f} {w:7.1f}")
 PY

@@ -69,6 +69,7 @@ def test_every_config_file_composes_and_builds(make_cfg, group: str, option: str
 DISTILL_OPTIONS = sorted(p.stem for p in (CONF / "distill").glob("*.yaml"))
 # methods whose own terms have weight 0 in the main training after their init stage (RepDistiller)
 ZERO_MAIN_WEIGHT = {"ab", "fsp"}
+STAGED = {"ab", "fsp", "ft"}  # methods with a preliminary stage
 
 
 def logged_losses(results: dict) -> dict[str, float]:
@@ -93,6 +94,8 @@ def test_every_method_runs_end_to_end(make_cfg, option: str) -> None:
     results = run(make_cfg(f"distill={option}"))
     assert results["status"] == "completed"
     check_terms(results, option)
+    # debug=fdr caps preliminary stages at one epoch (stages.max_epochs)
+    assert [s["epochs"] for s in results["stages"]] == ([1] if option in STAGED else [])
     assert results["config"]["distill"]["_target_"] == OmegaConf.load(CONF / "distill" / f"{option}.yaml")["_target_"]
 
 
@@ -102,7 +105,7 @@ def resnet34_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from kd.models import torchvision_model
 
     path = tmp_path_factory.mktemp("teacher") / "resnet34.pt"
-    torch.save(torchvision_model("resnet34", num_classes=10, in_channels=1).state_dict(), path)
+    torch.save(torchvision_model("resnet34", num_classes=10, in_channels=1, small_input=True).state_dict(), path)
     return path
 
 
@@ -110,13 +113,12 @@ def resnet34_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_every_method_runs_unchanged_on_a_torchvision_pair(make_cfg, resnet34_teacher: Path, option: str) -> None:
     # torchvision ResNet-34 -> ResNet-18, features named only in the model configs' _nodes_
     results = run(make_cfg(
-        f"distill={option}", "experiment=digits_resnet", "model.teacher.small_input=false",
-        "model.student.small_input=false", f"teacher.ckpt={resnet34_teacher}", "teacher.evaluate=false",
+        f"distill={option}", "experiment=digits_resnet", f"teacher.ckpt={resnet34_teacher}", "teacher.evaluate=false",
         "callbacks=none",
     ))
     assert results["status"] == "completed"
     check_terms(results, option)
-    assert results["student"]["params"] == 11_175_370  # torchvision's resnet18 for 1 channel, 10 classes
+    assert results["student"]["params"] == 11_172_810  # torchvision's resnet18, 1 channel, 3x3 stem, 10 classes
 
 
 @pytest.mark.parametrize("option", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))
