@@ -13,7 +13,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from kd.models.build import model_node
+from kd.models.build import build_model
 from kd.run import run
 from tests.conftest import CONF
 
@@ -49,7 +49,7 @@ def test_every_config_file_composes_and_builds(make_cfg, group: str, option: str
     node = OmegaConf.select(cfg, group.replace("/", "."))
     if group in OBJECT_GROUPS and node:
         if group.startswith("model"):
-            obj = instantiate(model_node(node), num_classes=10, in_channels=1)
+            obj = build_model(node, key=group, num_classes=10, input_shape=(1, 8, 8))
         else:
             obj = instantiate(node)
         if group == "optimizer":

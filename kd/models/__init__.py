@@ -2,6 +2,7 @@
 
 from kd.models.build import build_model, count_parameters
 from kd.models.convnet import ConvNet
+from kd.models.mlp import MLP
 from kd.models.tv import torchvision_model
 
-__all__ = ["ConvNet", "build_model", "count_parameters", "torchvision_model"]
+__all__ = ["MLP", "ConvNet", "build_model", "count_parameters", "torchvision_model"]

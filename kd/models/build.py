@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,7 +29,8 @@ def build_model(
 ) -> nn.Module:
     """Instantiates a model config so that it fits the data, and checks that it does.
 
-    ``num_classes`` (and ``in_channels`` where the constructor takes it) come from the data unless
+    ``num_classes`` (and ``in_channels`` / ``in_features``, the flattened input size, where the
+    constructor takes them) come from the data unless
     the config sets them; a config value that disagrees with the data is an error. A dry forward
     pass on one zero input checks the output shape.
 
@@ -53,7 +55,8 @@ def build_model(
     except Exception as e:  # an import error in the target: say which target
         raise ConfigError(f"{key}._target_", f"cannot import {target}: {e}") from e
     kwargs: dict[str, Any] = {}
-    for name, value in (("num_classes", num_classes), ("in_channels", input_shape[0])):
+    fitted = (("num_classes", num_classes), ("in_channels", input_shape[0]), ("in_features", math.prod(input_shape)))
+    for name, value in fitted:
         given = node.get(name)
         if given is not None and check_int(f"{key}.{name}", given) != value:
             raise ConfigError(
