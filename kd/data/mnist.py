@@ -1,0 +1,147 @@
+"""MNIST through torchvision, held in memory as uint8, with Hinton 2015's jitter of up to 2 px.
+
+60,000 training and 10,000 test images of 28x28 handwritten digits. A validation split of
+``val_size`` images is carved from the training set (stratified, fixed ``split_seed``), so model
+selection never sees the test set. Read with ``torchvision.datasets.MNIST`` from
+``<root>/MNIST/raw`` (the idx files); ``download=true`` fetches them with torchvision.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from kd.data.tensor import stratified_split
+from kd.errors import ConfigError, check_int
+
+MEAN, STD = 0.1307, 0.3081  # of the MNIST training images, in [0, 1]
+
+
+class ShiftedImages(Dataset):
+    """uint8 images ``(N, H, W)`` as normalised float ``(1, H, W)``, optionally shifted at random.
+
+    Args:
+        images: ``(N, H, W)`` uint8.
+        targets: ``(N,)`` labels.
+        jitter: Largest shift in pixels along each axis (0: none); the image moves by a random
+            integer offset in ``[-jitter, jitter]`` with zero fill, as Hinton et al. 2015 jittered
+            the teacher's inputs by up to 2 px.
+    """
+
+    def __init__(self, images: Tensor, targets: Tensor, jitter: int = 0) -> None:
+        self.images = images
+        self.targets = targets
+        self.jitter = jitter
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor | int]:
+        x = self.images[i].unsqueeze(0).float().div_(255.0)  # (1, H, W)
+        if self.jitter:
+            j = self.jitter
+            dy, dx = (int(v) for v in torch.randint(-j, j + 1, (2,)))
+            h, w = x.shape[-2:]
+            x = F.pad(x, (j, j, j, j))[:, j - dy : j - dy + h, j - dx : j - dx + w]
+        return {"input": (x - MEAN) / STD, "target": self.targets[i], "index": i}
+
+
+class MNISTDataModule(L.LightningDataModule):
+    """MNIST: train / val (carved from train) / test, in memory.
+
+    Args:
+        root: Directory holding ``MNIST/raw`` (torchvision's layout).
+        batch_size: Training batch size.
+        eval_batch_size: Batch size for val and test (defaults to 4x ``batch_size``).
+        val_size: Training images held out for validation, stratified by class.
+        split_seed: Seed of the split (not of training).
+        jitter: Random shift of training images, up to this many pixels (0: none).
+        download: Fetch the data with torchvision when it is missing.
+        num_workers: DataLoader workers.
+
+    Raises:
+        ConfigError: On bad sizes; when the data is missing (at setup), with the path expected.
+    """
+
+    num_classes = 10
+    input_shape = (1, 28, 28)
+    provides_index = True  # batch["index"]: position in the training split
+
+    def __init__(
+        self,
+        root: str = "data",
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        val_size: int = 5000,
+        split_seed: int = 0,
+        jitter: int = 0,
+        download: bool = False,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        for name, value, low in (("batch_size", batch_size, 1), ("val_size", val_size, 1),
+                                 ("split_seed", split_seed, 0), ("jitter", jitter, 0), ("num_workers", num_workers, 0)):
+            check_int(name, value, low, valid=f">= {low}")
+        if eval_batch_size is not None:
+            check_int("eval_batch_size", eval_batch_size, 1, valid=">= 1 or null")
+        self.root = str(root)
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or 4 * batch_size
+        self.val_size = val_size
+        self.split_seed = split_seed
+        self.jitter = jitter
+        self.download = download
+        self.num_workers = num_workers
+        self.splits: dict[str, ShiftedImages] = {}
+
+    def _load(self, train: bool):  # noqa: ANN202 - a torchvision MNIST
+        from torchvision.datasets import MNIST
+
+        try:
+            return MNIST(self.root, train=train, download=self.download)
+        except RuntimeError as e:
+            raise ConfigError(
+                "data.root", f"MNIST not found: expected the idx files (train-images-idx3-ubyte, ...) in "
+                f"{self.root}/MNIST/raw; set data.download=true to fetch them with torchvision, or "
+                f"data.root=<dir holding MNIST/raw> ({e})"
+            ) from None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        train, test = self._load(train=True), self._load(train=False)
+        labels = np.asarray(train.targets)
+        if not 0 < self.val_size < len(labels):
+            raise ConfigError("data.val_size", f"must be in [1, {len(labels)}), got {self.val_size}")
+        parts = stratified_split(labels, {"train": 0.0, "val": self.val_size / len(labels)}, self.split_seed)
+        self.split_indices = parts
+        images, targets = train.data, train.targets.long()  # (N, 28, 28) uint8, (N,)
+        self.splits = {
+            "train": ShiftedImages(images[parts["train"]], targets[parts["train"]], self.jitter),
+            "val": ShiftedImages(images[parts["val"]], targets[parts["val"]]),
+            "test": ShiftedImages(test.data, test.targets.long()),
+        }
+
+    def train_targets(self) -> Tensor:
+        """Labels of the training split in the order of ``batch["index"]``, ``(N,)``."""
+        self.setup("fit")
+        return self.splits["train"].targets
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        return DataLoader(
+            self.splits[split], batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", train=False)
