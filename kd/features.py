@@ -73,6 +73,7 @@ class FeatureExtractor:
         self.key = key
         self.mode = "none"
         self._last = ""  # the FX node whose value the model returns
+        self._fx_names: dict[str, str] = {}  # requested name -> the FX node it means
         self._graph: fx.GraphModule | None = None
         self._hooked: dict[str, Tensor] = {}
         self._hooks: dict[str, tuple[nn.Module, Any]] = {}  # name -> (module, removable handle)
@@ -89,6 +90,8 @@ class FeatureExtractor:
             else:
                 self._check_names(available, prefixes=True)
                 self.mode, self._last = "fx", available[-1]
+                # `layer1` means the last node inside layer1; two names of one node share it
+                self._fx_names = {n: _resolve(n, available) for n in self.nodes}
                 if _logits_match(self, input_shape):
                     return
                 if tracer == "fx":
@@ -146,10 +149,9 @@ class FeatureExtractor:
         """The model's logits and the requested features for a batch ``x``."""
         if self.mode == "fx":
             if self._graph is None:
-                self._graph = _build_graph(self.model, self.nodes, self._last)
+                self._graph = _build_graph(self.model, sorted(set(self._fx_names.values())), self._last)
             out = _graph_for(self._graph, self.model.training)(x)
-            logits = out.pop(_LOGITS)
-            return ModelOutput(logits=logits, features=out)
+            return ModelOutput(logits=out[_LOGITS], features={n: out[self._fx_names[n]] for n in self.nodes})
         if self.mode == "hooks":
             self._active = True
             try:
@@ -200,6 +202,13 @@ def available_nodes(model: nn.Module) -> tuple[str, list[str]]:
         return "fx", fx_node_names(model)
     except Exception:  # noqa: BLE001
         return "hooks", [n for n, _ in model.named_modules() if n]
+
+
+def _resolve(name: str, available: list[str]) -> str:
+    """The FX node a name means: itself, or the last node inside the module of that name."""
+    if name in available:
+        return name
+    return [a for a in available if a.startswith(name + ".")][-1]
 
 
 def _build_graph(model: nn.Module, nodes: list[str], last: str) -> fx.GraphModule:

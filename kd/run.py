@@ -180,6 +180,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         ),
     )
     weights = output_dir / STUDENT_WEIGHTS
+    test_size = len(datamodule.test_dataloader().dataset)
+    for metrics in (result.metrics, result.final_metrics):  # misclassified test images, as papers count them
+        if "test/acc" in metrics:
+            metrics["test/errors"] = round((1.0 - metrics["test/acc"]) * test_size)
     results = {
         "kd_version": kd.__version__,
         "git": git_info(),
@@ -190,7 +194,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "overrides": task_overrides(),
         "method": type(criterion).__name__,
         "seed": seed,
-        "data": {"name": type(datamodule).__name__, "num_classes": datamodule.num_classes, "input_shape": list(shape)},
+        "data": {
+            "name": type(datamodule).__name__, "num_classes": datamodule.num_classes, "input_shape": list(shape),
+            "test_size": test_size,
+        },
         "teacher": teacher_info.as_dict() if teacher_info else None,
         "stages": result.stages,
         "student": {

@@ -97,6 +97,8 @@ def teacher_run_config(cfg: DictConfig) -> DictConfig:
         tcfg.trainer = OmegaConf.merge(trainer, recipe.get("trainer") or {})
         if "batch_size" in tcfg.data and recipe.get("batch_size"):
             tcfg.data.batch_size = recipe.batch_size
+        if recipe.get("data"):  # data settings of the teacher only (Hinton's jitter)
+            tcfg.data = OmegaConf.merge(tcfg.data, recipe.data)
         tcfg.paths.output_dir = _PLACEHOLDER_DIR
     return tcfg
 

@@ -16,11 +16,14 @@ from omegaconf import OmegaConf
 from kd.models.build import build_model
 from kd.run import run
 from tests.conftest import CONF
+from tests.datagen import write_mnist
 
 # Groups whose options are objects kd builds, and groups of named objects.
 OBJECT_GROUPS = {"data", "model/teacher", "model/student", "distill", "optimizer", "scheduler"}
 NAMED_OBJECT_GROUPS = {"callbacks", "logger"}
 GPU_TRAINERS = {"gpu", "ddp"}
+# groups whose options are the rows of one experiment's sweep
+EXPERIMENT_OF_GROUP = {"hinton_row": ["experiment=hinton_mnist"]}
 
 
 def group_options() -> list[tuple[str, str]]:
@@ -43,13 +46,14 @@ def test_the_conf_tree_has_the_documented_groups() -> None:
 
 @pytest.mark.parametrize(("group", "option"), group_options(), ids=lambda v: str(v))
 def test_every_config_file_composes_and_builds(make_cfg, group: str, option: str) -> None:
-    cfg = make_cfg(f"{group}={option}", fast=False)
+    cfg = make_cfg(*EXPERIMENT_OF_GROUP.get(group, []), f"{group}={option}", fast=False)
     resolved = OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
     assert resolved["paths"]["output_dir"]
     node = OmegaConf.select(cfg, group.replace("/", "."))
     if group in OBJECT_GROUPS and node:
         if group.startswith("model"):
-            obj = build_model(node, key=group, num_classes=10, input_shape=(1, 8, 8))
+            cifar = str(node["_target_"]).startswith("kd.models.cifar.")  # 32x32 nets
+            obj = build_model(node, key=group, num_classes=10, input_shape=(3, 32, 32) if cifar else (1, 8, 8))
         else:
             obj = instantiate(node)
         if group == "optimizer":
@@ -122,8 +126,11 @@ def test_every_method_runs_unchanged_on_a_torchvision_pair(make_cfg, resnet34_te
 
 
 @pytest.mark.parametrize("option", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))
-def test_every_experiment_runs_end_to_end(make_cfg, option: str) -> None:
-    results = run(make_cfg(f"experiment={option}"))
+def test_every_experiment_runs_end_to_end(make_cfg, tmp_path: Path, option: str) -> None:
+    overrides = [f"experiment={option}"]
+    if "MNIST" in str(OmegaConf.select(make_cfg(*overrides), "data._target_")):
+        overrides += [f"data.root={write_mnist(tmp_path / 'data')}", "data.val_size=40"]  # generated idx files
+    results = run(make_cfg(*overrides))
     assert results["status"] == "completed"
 
 

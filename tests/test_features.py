@@ -163,3 +163,12 @@ def test_hooks_on_a_module_forward_never_calls_fail_clearly() -> None:
     fx = FeatureExtractor(model, ["spare"], key="distill.student_nodes", input_shape=(4,))
     with pytest.raises(ConfigError, match="spare never ran in _DataDependent.forward"):
         fx(torch.randn(2, 4))
+
+
+def test_a_module_name_and_its_last_node_can_be_asked_for_together() -> None:
+    model = resnet18(num_classes=5).eval()
+    fx = FeatureExtractor(model, ["layer1", "layer1.1.relu_1", "fc"], key="k", input_shape=(3, 32, 32))
+    out = fx(torch.randn(2, 3, 32, 32))
+    assert set(out.features) == {"layer1", "layer1.1.relu_1", "fc"}
+    torch.testing.assert_close(out.features["layer1"], out.features["layer1.1.relu_1"])
+    torch.testing.assert_close(out.features["fc"], out.logits)

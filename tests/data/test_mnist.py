@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -12,19 +11,7 @@ import torch
 from kd.data.mnist import MEAN, STD, MNISTDataModule
 from kd.errors import ConfigError
 from kd.run import run
-
-
-def write_mnist(root: Path, n_train: int = 200, n_test: int = 50, seed: int = 0) -> Path:
-    """Writes ``<root>/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte`` (the real format)."""
-    rng = np.random.default_rng(seed)
-    raw = root / "MNIST" / "raw"
-    raw.mkdir(parents=True, exist_ok=True)
-    for prefix, n in (("train", n_train), ("t10k", n_test)):
-        images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
-        labels = (np.arange(n) % 10).astype(np.uint8)  # every class present
-        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 2051, n, 28, 28) + images.tobytes())
-        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, n) + labels.tobytes())
-    return root
+from tests.datagen import write_mnist
 
 
 def test_splits_shapes_and_a_val_split_fixed_by_its_seed(tmp_path: Path) -> None:
@@ -82,3 +69,23 @@ def test_a_run_on_mnist_files(make_cfg, tmp_path: Path) -> None:
                            "model/teacher=hinton_mlp", "model/student=hinton_mlp_30", "distill.nce_k=64"))
     assert results["status"] == "completed" and results["data"]["input_shape"] == [1, 28, 28]
     assert results["student"]["params"] == 784 * 30 + 30 + 30 * 30 + 30 + 30 * 10 + 10
+
+
+def test_the_hinton_table_is_one_sweep_with_test_error_counts(cli, tmp_path: Path) -> None:
+    import json
+
+    root = write_mnist(tmp_path / "data")
+    sweep = tmp_path / "sweep"
+    code = cli("-m", "experiment=hinton_mnist", f"data.root={root}", "data.val_size=40", "debug=fdr",
+               f"hydra.sweep.dir={sweep}")
+    assert code == 0
+    runs = [json.loads(f.read_text()) for f in sorted(sweep.glob("*/results.json"))]
+    rows = {tuple(o for o in r["overrides"] if o.startswith("hinton_row=")): r for r in runs}
+    assert sorted(rows) == [(f"hinton_row={n}",) for n in ("small_t25", "small_t4", "student_hard", "student_soft", "teacher")]
+    soft = rows[("hinton_row=student_soft",)]
+    assert soft["config"]["distill"]["temperature"] == 20.0 and soft["student"]["params"] == 1_276_810
+    assert rows[("hinton_row=teacher",)]["config"]["data"]["jitter"] == 2
+    assert rows[("hinton_row=small_t25",)]["config"]["distill"]["temperature"] == 2.5
+    for r in runs:
+        m = r["student"]["metrics"]
+        assert m["test/errors"] == round((1 - m["test/acc"]) * 50) and r["data"]["test_size"] == 50

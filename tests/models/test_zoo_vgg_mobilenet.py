@@ -35,6 +35,7 @@ def test_parameter_count_matches_the_crd_code(make: Callable[..., nn.Module], pa
 
 
 @pytest.mark.parametrize(("make", "params", "nodes"), ZOO, ids=IDS)
+@torch.no_grad()
 def test_logits_shape_and_finite(make: Callable[..., nn.Module], params: int, nodes: list[str]) -> None:
     torch.manual_seed(0)
     net = make(num_classes=100)
@@ -47,6 +48,7 @@ def test_logits_shape_and_finite(make: Callable[..., nn.Module], params: int, no
 
 
 @pytest.mark.parametrize(("make", "params", "nodes"), ZOO, ids=IDS)
+@torch.no_grad()
 def test_one_input_channel(make: Callable[..., nn.Module], params: int, nodes: list[str]) -> None:
     net = make(num_classes=10, in_channels=1)
     assert net(torch.randn(2, 1, 32, 32)).shape == (2, 10)

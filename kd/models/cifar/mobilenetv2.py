@@ -99,10 +99,14 @@ class MobileNetV2(nn.Module):
                 f"{expand_ratio}",
             )
         if int(16 * width_mult) < 1:
-            raise ConfigError("width_mult", f"must keep every stage at least 1 channel wide (>= 1/16), got {width_mult:g}")
+            raise ConfigError(
+                "width_mult", f"must keep every stage at least 1 channel wide (>= 1/16), got {width_mult:g}"
+            )
         t = expand_ratio
         # (expansion, width, blocks, stride of the first block); CIFAR: the second stage keeps stride 1.
-        setting = [(1, 16, 1, 1), (t, 24, 2, 1), (t, 32, 3, 2), (t, 64, 4, 2), (t, 96, 3, 1), (t, 160, 3, 2), (t, 320, 1, 1)]
+        setting = [
+            (1, 16, 1, 1), (t, 24, 2, 1), (t, 32, 3, 2), (t, 64, 4, 2), (t, 96, 3, 1), (t, 160, 3, 2), (t, 320, 1, 1),
+        ]
         c_in = int(32 * width_mult)
         self.conv1 = _conv_bn_relu(in_channels, c_in, 3, 2)
         self.blocks = nn.ModuleList()

@@ -88,13 +88,14 @@ class CifarResNet(nn.Module):
     ) -> None:
         super().__init__()
         if depth < 8 or (depth - 2) % 6:
-            raise ConfigError("depth", f"must be 6n + 2 with n >= 1 (8, 20, 32, 56, ...), got {depth}")
+            raise ConfigError("depth", f"must be 6n + 2 with n >= 1 (8, 20, 56, ...), got {depth}")
         widths = tuple(int(w) for w in widths)  # type: ignore[assignment]
         if len(widths) != 4 or min(widths) < 1:
-            raise ConfigError("widths", f"needs four positive widths (stem, 3 stages), got {widths}")
+            raise ConfigError("widths", f"needs four positive widths (stem, stages), got {widths}")
         if num_classes < 1 or in_channels < 1:
             raise ConfigError(
-                "num_classes", f"num_classes and in_channels must be >= 1, got {num_classes}, {in_channels}"
+                "num_classes",
+                f"num_classes and in_channels must be >= 1, got {num_classes}, {in_channels}",
             )
         n = (depth - 2) // 6
         self.conv1 = nn.Conv2d(in_channels, widths[0], kernel_size=3, padding=1, bias=False)

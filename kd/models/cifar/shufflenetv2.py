@@ -12,9 +12,10 @@ reference's ``avg_pool2d(4)`` is the same on 32x32 inputs) and the forward retur
 
 Feature nodes (torch.fx names, 32x32 input): ``layer1`` (B, 116, 16, 16), ``layer2``
 (B, 232, 8, 8), ``layer3`` (B, 464, 4, 4) the post-ReLU stage outputs (the last block's
-``relu``); their pre-ReLU counterparts ``layer1.3.shuffle``, ``layer2.7.shuffle``,
-``layer3.3.shuffle`` (same channel order as the stage outputs); ``relu_1`` (B, 1024, 4, 4) the
-last map after ``conv2``; ``flatten`` the pooled 1024-d embedding before ``linear``.
+``relu``); their pre-ReLU counterparts ``layer1.3.shuffle.flatten``, ``layer2.7.shuffle.flatten``,
+``layer3.3.shuffle.flatten`` (the shuffled concatenation, same channel order as the stage
+outputs); ``relu_1`` (B, 1024, 4, 4) the last map after ``conv2``; ``flatten`` the pooled
+1024-d embedding before ``linear``.
 """
 
 from __future__ import annotations

@@ -115,14 +115,15 @@ class WideResNet(nn.Module):
     ) -> None:
         super().__init__()
         if depth < 10 or (depth - 4) % 6:
-            raise ConfigError("depth", f"must be 6n + 4 with n >= 1 (10, 16, 28, 40, ...), got {depth}")
+            raise ConfigError("depth", f"must be 6n + 4 with n >= 1 (10, 16, 40, ...), got {depth}")
         if widen_factor < 1:
             raise ConfigError("widen_factor", f"must be >= 1, got {widen_factor}")
         if not 0.0 <= dropout < 1.0:
             raise ConfigError("dropout", f"must be in [0, 1), got {dropout:g}")
         if num_classes < 1 or in_channels < 1:
             raise ConfigError(
-                "num_classes", f"num_classes and in_channels must be >= 1, got {num_classes}, {in_channels}"
+                "num_classes",
+                f"num_classes and in_channels must be >= 1, got {num_classes}, {in_channels}",
             )
         n = (depth - 4) // 6
         widths = [16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
