@@ -33,7 +33,7 @@ def test_default_experiment_runs_end_to_end_and_writes_results(make_cfg, tmp_pat
     assert written["kd_version"] == "0.1.0"
     assert set(written["git"]) == {"commit", "dirty"}
     assert written["config"]["distill"]["temperature"] == 4.0
-    assert written["data"] == {"name": "DigitsDataModule", "num_classes": 10, "input_shape": [1, 8, 8]}
+    assert written["data"] == {"name": "DigitsDataModule", "num_classes": 10, "input_shape": [1, 8, 8], "test_size": 360}
     # the parameter counts of the configs' comments
     assert written["teacher"]["params"] == 294_986 and written["student"]["params"] == 1_442
     for metrics in (written["student"]["metrics"], written["student"]["final_metrics"], written["teacher"]["metrics"]):
