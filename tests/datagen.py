@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import struct
 from pathlib import Path
 
@@ -18,4 +19,31 @@ def write_mnist(root: Path, n_train: int = 200, n_test: int = 50, seed: int = 0)
         labels = (np.arange(n) % 10).astype(np.uint8)  # every class present
         (raw / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 2051, n, 28, 28) + images.tobytes())
         (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, n) + labels.tobytes())
+    return root
+
+
+def write_cifar(root: Path, dataset: str = "cifar100", n_train: int = 300, n_test: int = 60, seed: int = 0) -> Path:
+    """Writes CIFAR python pickles as torchvision reads them (``cifar-100-python/{train,test,meta}``
+    or ``cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}``)."""
+    rng = np.random.default_rng(seed)
+    classes = 100 if dataset == "cifar100" else 10
+    folder = root / ("cifar-100-python" if dataset == "cifar100" else "cifar-10-batches-py")
+    folder.mkdir(parents=True, exist_ok=True)
+    label_key = "fine_labels" if dataset == "cifar100" else "labels"
+
+    def batch(n: int) -> dict:
+        return {"data": rng.integers(0, 256, size=(n, 3072), dtype=np.uint8), label_key: [i % classes for i in range(n)]}
+
+    def dump(name: str, obj: dict) -> None:
+        (folder / name).write_bytes(pickle.dumps(obj))
+
+    if dataset == "cifar100":
+        dump("train", batch(n_train))
+        dump("test", batch(n_test))
+        dump("meta", {"fine_label_names": [f"c{i}" for i in range(100)]})
+    else:
+        for i in range(1, 6):
+            dump(f"data_batch_{i}", batch(n_train // 5))
+        dump("test_batch", batch(n_test))
+        dump("batches.meta", {"label_names": [f"c{i}" for i in range(10)]})
     return root

@@ -1,0 +1,175 @@
+"""CIFAR-10 and CIFAR-100 through torchvision, held in memory as uint8, with the standard
+augmentation (4-px pad + random 32 crop + horizontal flip, ``transforms.v2``) on training images.
+
+50,000 training and 10,000 test images of 32x32. A validation split of ``val_size`` images is
+carved from the training set (stratified, fixed ``split_seed``), so model selection never sees
+the test set. Read with ``torchvision.datasets.CIFAR10/100`` from ``<root>/cifar-10-batches-py``
+or ``<root>/cifar-100-python`` (the python pickles); ``download=true`` fetches them.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from torchvision.datasets import CIFAR10, CIFAR100
+from torchvision.transforms import v2
+
+from kd.data.tensor import stratified_split
+from kd.errors import ConfigError, check_int
+
+# per-channel mean and std of the training images in [0, 1] (CIFAR-100: the CRD code's values)
+STATS = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
+}
+
+
+def _present_only(cls: type[CIFAR10]) -> type[CIFAR10]:
+    """torchvision's dataset class, checking that the files exist instead of their md5.
+
+    The md5 of the published archive is still checked when torchvision downloads it; the check
+    of every file at every start only costs time, and refuses files written by kd's tests.
+    """
+    return type(cls.__name__, (cls,), {
+        "train_list": [[name, None] for name, _ in cls.train_list],
+        "test_list": [[name, None] for name, _ in cls.test_list],
+        "meta": {**cls.meta, "md5": None},
+    })
+
+
+_DATASETS = {"cifar10": _present_only(CIFAR10), "cifar100": _present_only(CIFAR100)}
+
+
+class AugmentedImages(Dataset):
+    """uint8 images ``(N, 3, H, W)`` as normalised float, through an optional uint8 transform.
+
+    Args:
+        images: ``(N, 3, H, W)`` uint8.
+        targets: ``(N,)`` labels.
+        mean: Per-channel mean of the images in ``[0, 1]``.
+        std: Per-channel std.
+        transform: A ``transforms.v2`` transform on one uint8 image, or None.
+    """
+
+    def __init__(self, images: Tensor, targets: Tensor, mean: tuple[float, ...], std: tuple[float, ...],
+                 transform: v2.Transform | None = None) -> None:
+        self.images = images
+        self.targets = targets
+        self.mean = torch.tensor(mean).view(-1, 1, 1)
+        self.std = torch.tensor(std).view(-1, 1, 1)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor | int]:
+        x = self.images[i]  # (3, H, W) uint8
+        if self.transform is not None:
+            x = self.transform(x)
+        x = (x.float() / 255.0 - self.mean) / self.std
+        return {"input": x, "target": self.targets[i], "index": i}
+
+
+class CIFARDataModule(L.LightningDataModule):
+    """CIFAR-10 or CIFAR-100: train / val (carved from train) / test, in memory.
+
+    Args:
+        root: Directory holding ``cifar-10-batches-py`` or ``cifar-100-python``.
+        dataset: ``cifar10`` or ``cifar100``.
+        batch_size: Training batch size (the CRD/DKD recipe: 64).
+        eval_batch_size: Batch size for val and test (defaults to 4x ``batch_size``).
+        val_size: Training images held out for validation, stratified by class.
+        split_seed: Seed of the split (not of training).
+        augment: Pad-crop-flip on training images.
+        download: Fetch the data with torchvision when it is missing.
+        num_workers: DataLoader workers.
+
+    Raises:
+        ConfigError: On bad sizes or an unknown dataset; when the data is missing (at setup),
+            with the path expected.
+    """
+
+    input_shape = (3, 32, 32)
+    provides_index = True  # batch["index"]: position in the training split
+
+    def __init__(
+        self,
+        root: str = "data",
+        dataset: str = "cifar100",
+        batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        val_size: int = 5000,
+        split_seed: int = 0,
+        augment: bool = True,
+        download: bool = False,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        if dataset not in _DATASETS:
+            raise ConfigError("dataset", f"must be one of {', '.join(_DATASETS)}, got {dataset!r}")
+        for name, value, low in (("batch_size", batch_size, 1), ("val_size", val_size, 1),
+                                 ("split_seed", split_seed, 0), ("num_workers", num_workers, 0)):
+            check_int(name, value, low, valid=f">= {low}")
+        if eval_batch_size is not None:
+            check_int("eval_batch_size", eval_batch_size, 1, valid=">= 1 or null")
+        self.root, self.dataset = str(root), dataset
+        self.num_classes = 10 if dataset == "cifar10" else 100
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or 4 * batch_size
+        self.val_size, self.split_seed = val_size, split_seed
+        self.augment, self.download, self.num_workers = augment, download, num_workers
+        self.splits: dict[str, AugmentedImages] = {}
+
+    def _load(self, train: bool) -> CIFAR10:
+        cls = _DATASETS[self.dataset]
+        try:
+            return cls(self.root, train=train, download=self.download)
+        except RuntimeError as e:
+            raise ConfigError(
+                "data.root", f"{self.dataset} not found: expected the python pickles in "
+                f"{self.root}/{cls.base_folder}; set data.download=true to fetch them with "
+                f"torchvision, or data.root=<dir holding {cls.base_folder}> ({e})"
+            ) from None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        train, test = self._load(train=True), self._load(train=False)
+        labels = np.asarray(train.targets)
+        if not 0 < self.val_size < len(labels):
+            raise ConfigError("data.val_size", f"must be in [1, {len(labels)}), got {self.val_size}")
+        parts = stratified_split(labels, {"train": 0.0, "val": self.val_size / len(labels)}, self.split_seed)
+        self.split_indices = parts
+        images = torch.from_numpy(train.data).permute(0, 3, 1, 2).contiguous()  # (N, 3, 32, 32) uint8
+        targets = torch.as_tensor(labels, dtype=torch.long)
+        mean, std = STATS[self.dataset]
+        augment = v2.Compose([v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip()]) if self.augment else None
+        test_images = torch.from_numpy(test.data).permute(0, 3, 1, 2).contiguous()
+        self.splits = {
+            "train": AugmentedImages(images[parts["train"]], targets[parts["train"]], mean, std, augment),
+            "val": AugmentedImages(images[parts["val"]], targets[parts["val"]], mean, std),
+            "test": AugmentedImages(test_images, torch.as_tensor(test.targets, dtype=torch.long), mean, std),
+        }
+
+    def train_targets(self) -> Tensor:
+        """Labels of the training split in the order of ``batch["index"]``, ``(N,)``."""
+        self.setup("fit")
+        return self.splits["train"].targets
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        return DataLoader(
+            self.splits[split], batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", train=False)
