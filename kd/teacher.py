@@ -159,8 +159,8 @@ def load_weights(net: nn.Module, path: Path, key: str = "teacher.ckpt") -> None:
         details = "; ".join(
             part for part in (
                 f"size mismatch for {wrong[0]}" if wrong else "",
-                f"{len(missing)} missing keys (e.g. {missing[0]})" if missing else "",
-                f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})" if unexpected else "",
+                f"{len(missing)} missing keys ({_listed(missing)})" if missing else "",
+                f"{len(unexpected)} unexpected keys ({_listed(unexpected)})" if unexpected else "",
             ) if part
         )
         raise ConfigError(
@@ -168,6 +168,12 @@ def load_weights(net: nn.Module, path: Path, key: str = "teacher.ckpt") -> None:
             "pick the model/teacher config it was trained with"
         )
     net.load_state_dict(state)
+
+
+def _listed(keys: list[str], shown: int = 5) -> str:
+    """The first keys of a list, and how many more there are."""
+    more = f", +{len(keys) - shown} more" if len(keys) > shown else ""
+    return ", ".join(keys[:shown]) + more
 
 
 def _multi_process_launch() -> bool:
