@@ -47,3 +47,19 @@ def write_cifar(root: Path, dataset: str = "cifar100", n_train: int = 300, n_tes
         dump("test_batch", batch(n_test))
         dump("batches.meta", {"label_names": [f"c{i}" for i in range(10)]})
     return root
+
+
+def write_image_folder(root: Path, classes: int = 3, per_class: int = 6, test_per_class: int = 2, seed: int = 0) -> Path:
+    """Writes ``<root>/{train,val}/<class>/<n>.JPEG`` with small random RGB images of varied sizes."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", per_class), ("val", test_per_class)):
+        for c in range(classes):
+            folder = root / split / f"n{c:08d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                h, w = int(rng.integers(40, 80)), int(rng.integers(40, 80))
+                pixels = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.JPEG", format="JPEG")
+    return root
