@@ -9,14 +9,14 @@ or ``<root>/cifar-100-python`` (the python pickles); ``download=true`` fetches t
 
 from __future__ import annotations
 
-import lightning as L
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision.datasets import CIFAR10, CIFAR100
 from torchvision.transforms import v2
 
+from kd.data.splits import SplitDataModule
 from kd.data.tensor import stratified_split
 from kd.errors import ConfigError, check_int
 
@@ -73,7 +73,7 @@ class AugmentedImages(Dataset):
         return {"input": x, "target": self.targets[i], "index": i}
 
 
-class CIFARDataModule(L.LightningDataModule):
+class CIFARDataModule(SplitDataModule):
     """CIFAR-10 or CIFAR-100: train / val (carved from train) / test, in memory.
 
     Args:
@@ -93,7 +93,6 @@ class CIFARDataModule(L.LightningDataModule):
     """
 
     input_shape = (3, 32, 32)
-    provides_index = True  # batch["index"]: position in the training split
 
     def __init__(
         self,
@@ -153,23 +152,3 @@ class CIFARDataModule(L.LightningDataModule):
             "val": AugmentedImages(images[parts["val"]], targets[parts["val"]], mean, std),
             "test": AugmentedImages(test_images, torch.as_tensor(test.targets, dtype=torch.long), mean, std),
         }
-
-    def train_targets(self) -> Tensor:
-        """Labels of the training split in the order of ``batch["index"]``, ``(N,)``."""
-        self.setup("fit")
-        return self.splits["train"].targets
-
-    def _loader(self, split: str, train: bool) -> DataLoader:
-        return DataLoader(
-            self.splits[split], batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", train=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", train=False)

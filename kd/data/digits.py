@@ -7,17 +7,16 @@ Recognition of Handwritten Digits" test set), 10 classes. Loaded with
 
 from __future__ import annotations
 
-import lightning as L
 import numpy as np
 import torch
 from sklearn.datasets import load_digits
-from torch.utils.data import DataLoader
 
+from kd.data.splits import SplitDataModule
 from kd.data.tensor import IndexedTensorDataset, stratified_split, to_long
 from kd.errors import check_int
 
 
-class DigitsDataModule(L.LightningDataModule):
+class DigitsDataModule(SplitDataModule):
     """scikit-learn's digits, split train/val/test with a fixed seed, stratified by class.
 
     Pixels are scaled to ``[0, 1]`` and standardised with the mean and std of the training split.
@@ -37,7 +36,6 @@ class DigitsDataModule(L.LightningDataModule):
 
     num_classes = 10
     input_shape = (1, 8, 8)
-    provides_index = True  # batch["index"]: position in the training split
 
     def __init__(
         self,
@@ -74,26 +72,3 @@ class DigitsDataModule(L.LightningDataModule):
         mean, std = train.mean(), train.std()
         for name, idx in parts.items():
             self.splits[name] = IndexedTensorDataset((images[idx] - mean) / std, to_long(labels[idx]))
-
-    def train_targets(self) -> torch.Tensor:
-        """Labels of the training split in the order of ``batch["index"]``, ``(N,)``."""
-        self.setup("fit")
-        return self.splits["train"].targets
-
-    def _loader(self, split: str, train: bool) -> DataLoader:
-        return DataLoader(
-            self.splits[split],
-            batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", train=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", train=False)

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
 from torchvision.transforms import v2
 
+from kd.data.splits import SplitDataModule
 from kd.errors import ConfigError, check_int
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -61,7 +61,7 @@ def _carve(targets: np.ndarray, per_class: int, seed: int) -> tuple[np.ndarray, 
     return np.setdiff1d(np.arange(len(targets)), val_idx), val_idx
 
 
-class ImageNetDataModule(L.LightningDataModule):
+class ImageNetDataModule(SplitDataModule):
     """ImageNet from ``<root>/train`` and ``<root>/val`` class folders.
 
     Args:
@@ -79,7 +79,7 @@ class ImageNetDataModule(L.LightningDataModule):
             class count other than ``num_classes``.
     """
 
-    provides_index = True
+    pin_memory = True
 
     def __init__(
         self,
@@ -135,23 +135,3 @@ class ImageNetDataModule(L.LightningDataModule):
             "val": IndexedImages(train, val_idx, self.eval_transform),
             "test": IndexedImages(test, np.arange(len(test)), self.eval_transform),
         }
-
-    def train_targets(self) -> Tensor:
-        """Labels of the training split in the order of ``batch["index"]``, ``(N,)``."""
-        self.setup("fit")
-        return self.splits["train"].targets
-
-    def _loader(self, split: str, train: bool) -> DataLoader:
-        return DataLoader(
-            self.splits[split], batch_size=self.batch_size if train else self.eval_batch_size, shuffle=train,
-            num_workers=self.num_workers, persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(),
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", train=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", train=False)

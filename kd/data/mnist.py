@@ -8,13 +8,13 @@ selection never sees the test set. Read with ``torchvision.datasets.MNIST`` from
 
 from __future__ import annotations
 
-import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
+from kd.data.splits import SplitDataModule
 from kd.data.tensor import stratified_split
 from kd.errors import ConfigError, check_int
 
@@ -50,7 +50,7 @@ class ShiftedImages(Dataset):
         return {"input": (x - MEAN) / STD, "target": self.targets[i], "index": i}
 
 
-class MNISTDataModule(L.LightningDataModule):
+class MNISTDataModule(SplitDataModule):
     """MNIST: train / val (carved from train) / test, in memory.
 
     Args:
@@ -69,7 +69,6 @@ class MNISTDataModule(L.LightningDataModule):
 
     num_classes = 10
     input_shape = (1, 28, 28)
-    provides_index = True  # batch["index"]: position in the training split
 
     def __init__(
         self,
@@ -125,23 +124,3 @@ class MNISTDataModule(L.LightningDataModule):
             "val": ShiftedImages(images[parts["val"]], targets[parts["val"]]),
             "test": ShiftedImages(test.data, test.targets.long()),
         }
-
-    def train_targets(self) -> Tensor:
-        """Labels of the training split in the order of ``batch["index"]``, ``(N,)``."""
-        self.setup("fit")
-        return self.splits["train"].targets
-
-    def _loader(self, split: str, train: bool) -> DataLoader:
-        return DataLoader(
-            self.splits[split], batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", train=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", train=False)

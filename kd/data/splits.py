@@ -1,0 +1,44 @@
+"""The train / val / test loaders every kd datamodule shares, over its ``splits`` datasets."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+
+class SplitDataModule(L.LightningDataModule):
+    """Serves ``self.splits["train" | "val" | "test"]`` (built in ``setup``) as dict batches.
+
+    Subclasses set ``batch_size``, ``eval_batch_size`` and ``num_workers`` and fill ``splits``
+    with datasets that have a ``targets`` tensor in index order (for ``train_targets``).
+    ``pin_memory`` is for datamodules that decode on CPU workers for a GPU (ImageNet).
+    """
+
+    provides_index = True  # batch["index"]: position in the training split
+    pin_memory = False
+    batch_size: int
+    eval_batch_size: int
+    num_workers: int
+
+    def train_targets(self) -> Tensor:
+        """Labels of the training split in the order of ``batch["index"]``, ``(N,)``."""
+        self.setup("fit")
+        return self.splits["train"].targets
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        return DataLoader(
+            self.splits[split], batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", train=False)
