@@ -60,3 +60,10 @@ def test_every_model_config_has_working_feature_taps(path: str) -> None:
     assert out.features[taps["pooled"]].dim() == 2  # the embedding before the classifier
     for post, pre in zip(taps["stages"], taps["preact"]):
         assert out.features[post].shape == out.features[pre].shape, (post, pre)
+
+
+def test_every_zoo_model_is_a_student_config() -> None:
+    # model/student=cifar_<name> reaches every zoo model, with the zoo's exact constructor
+    for name, make in ZOO.items():
+        node = OmegaConf.load(CONF / "model" / "student" / f"cifar_{name}.yaml")
+        assert node["_target_"] == f"{make.__module__}.{make.__name__}", name
