@@ -63,3 +63,82 @@ def write_image_folder(root: Path, classes: int = 3, per_class: int = 6, test_pe
                 pixels = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
                 Image.fromarray(pixels).save(folder / f"{i}.JPEG", format="JPEG")
     return root
+
+
+def write_imagenet_archives(root: Path, classes: int = 3, per_class: int = 6, val_per_class: int = 2, seed: int = 0) -> Path:
+    """Writes the three official ILSVRC2012 archives into ``root``, in their real formats, with tiny JPEGs.
+
+    - ``ILSVRC2012_devkit_t12.tar.gz``: ``ILSVRC2012_devkit_t12/data/meta.mat`` (the ``synsets``
+      struct array with the devkit's fields, ordered by ILSVRC2012_ID: ``classes`` leaf synsets with
+      ``num_children`` 0, whose IDs are a permutation of ``1..classes`` not in WNID order, as in the
+      real file, then one non-leaf synset ``n00001740`` "entity" whose children are all the leaves)
+      and ``ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt`` (one ILSVRC2012_ID
+      per validation image, in file-name order).
+    - ``ILSVRC2012_img_train.tar``: one ``<wnid>.tar`` per class holding ``<wnid>_<n>.JPEG``.
+    - ``ILSVRC2012_img_val.tar``: ``ILSVRC2012_val_<8 digits>.JPEG``, the classes shuffled.
+
+    Class ``c`` (the index in sorted-WNID order, as torchvision and ImageFolder number them) has WNID
+    ``n1<c * 1111:07d>``, words ``"object <c>, thing <c>"``, and its images are uniformly gray with
+    level ``round(255 * (c + 0.5) / classes)``, so a test can read the label back from the pixels.
+    Their md5 sums are not the official ones that torchvision checks (tests patch those).
+
+    Args:
+        root: Directory to write the archives into (created).
+        classes: Leaf synsets (classes).
+        per_class: Training images per class.
+        val_per_class: Official validation images per class (kd's test set).
+        seed: Seed of the image sizes, the ID permutation and the validation order.
+
+    Returns:
+        ``root``.
+    """
+    import io
+    import tarfile
+
+    from PIL import Image
+    from scipy.io import savemat
+
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    wnids = [f"n1{c * 1111:07d}" for c in range(classes)]
+    ids = rng.permutation(classes) + 1  # ids[c]: ILSVRC2012_ID of class c
+
+    def jpeg(c: int) -> bytes:
+        h, w = (int(s) for s in rng.integers(8, 41, size=2))
+        level = round(255 * (c + 0.5) / classes)
+        buffer = io.BytesIO()
+        Image.fromarray(np.full((h, w, 3), level, dtype=np.uint8)).save(buffer, format="JPEG", quality=95)
+        return buffer.getvalue()
+
+    def add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+
+    synset_fields = ["ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children", "wordnet_height", "num_train_images"]
+    synsets = np.zeros((classes + 1, 1), dtype=[(name, object) for name in synset_fields])
+    for row, c in enumerate(np.argsort(ids)):  # rows in ILSVRC2012_ID order
+        synsets[row, 0] = (np.uint16(ids[c]), wnids[c], f"object {c}, thing {c}", f"the gloss of object {c}", np.uint8(0),
+                           np.zeros((1, 0), dtype=np.uint8), np.uint8(0), np.uint16(per_class))
+    synsets[classes, 0] = (np.uint16(classes + 1), "n00001740", "entity", "that which is perceived to exist", np.uint8(classes),
+                           ids.astype(np.uint16).reshape(1, -1), np.uint8(18), np.uint16(0))
+    meta = io.BytesIO()
+    savemat(meta, {"synsets": synsets})
+    val_classes = rng.permutation(np.repeat(np.arange(classes), val_per_class))
+    ground_truth = "".join(f"{ids[c]}\n" for c in val_classes).encode()
+    with tarfile.open(root / "ILSVRC2012_devkit_t12.tar.gz", "w:gz") as tar:
+        add(tar, "ILSVRC2012_devkit_t12/data/meta.mat", meta.getvalue())
+        add(tar, "ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt", ground_truth)
+
+    with tarfile.open(root / "ILSVRC2012_img_train.tar", "w") as train:
+        for c, wnid in enumerate(wnids):
+            inner = io.BytesIO()
+            with tarfile.open(fileobj=inner, mode="w") as tar:
+                for n in range(per_class):
+                    add(tar, f"{wnid}_{n + 1}.JPEG", jpeg(c))
+            add(train, f"{wnid}.tar", inner.getvalue())
+
+    with tarfile.open(root / "ILSVRC2012_img_val.tar", "w") as val:
+        for i, c in enumerate(val_classes):
+            add(val, f"ILSVRC2012_val_{i + 1:08d}.JPEG", jpeg(int(c)))
+    return root

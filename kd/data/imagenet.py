@@ -5,24 +5,53 @@ sorted into class folders, which is what ``torchvision.datasets.ImageNet`` also 
 official validation set is kd's test set; kd's validation split is ``val_per_class`` images per
 class carved from the training set with a fixed seed, so model selection never sees the test set.
 Training images: RandomResizedCrop + horizontal flip; evaluation: resize to 256/224 of the crop,
-center crop. Read with ``torchvision.datasets.ImageFolder``.
+center crop. Read with ``torchvision.datasets.ImageFolder``; classes are the sorted folder names
+(WNIDs for ImageNet), the order ``torchvision.datasets.ImageNet`` uses too.
+
+When those folders are missing but ``<root>`` holds the official ILSVRC2012 archives
+(``ILSVRC2012_devkit_t12.tar.gz``, ``ILSVRC2012_img_train.tar``, ``ILSVRC2012_img_val.tar`` from
+image-net.org), ``prepare_data`` (or ``setup``, whichever runs first) extracts them once with
+``torchvision.datasets.ImageNet``: it checks the archives' md5 sums (minutes for the 138 GB
+training archive), parses the devkit into ``<root>/meta.bin`` and sorts the validation images into
+WNID folders. torchvision writes straight into ``<root>/train`` and ``<root>/val`` and later takes
+any existing folder as complete, so a crash would leave a tree that looks finished; kd instead runs
+it in a scratch directory ``<root>/.kd-extract-*`` (links to the archives) and renames each finished
+folder into place, under a file lock (``<root>/.kd-extract.lock``) so that concurrent processes
+extract once. With ``<root>/meta.bin`` present, ``class_names`` are the synsets' words
+(``"tench, Tinca tinca"``), otherwise the folder names.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import shutil
+import tarfile
+import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
+from filelock import FileLock, Timeout
 from torch import Tensor
 from torch.utils.data import Dataset
-from torchvision.datasets import ImageFolder
+from torchvision.datasets import ImageFolder, ImageNet
 from torchvision.transforms import v2
 
 from kd.data.splits import SplitDataModule
 from kd.errors import ConfigError, check_int
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+SPLITS = ("train", "val")
+# The official file names, which torchvision.datasets.ImageNet also expects.
+ARCHIVES = {"devkit": "ILSVRC2012_devkit_t12.tar.gz", "train": "ILSVRC2012_img_train.tar", "val": "ILSVRC2012_img_val.tar"}
+META_FILE = "meta.bin"  # torchvision's parse of the devkit: ({wnid: (word, ...)}, [wnid of each val image])
+DOWNLOAD_PAGE = "https://image-net.org/challenges/LSVRC/2012/2012-downloads.php"
+SCRATCH_PREFIX = ".kd-extract-"
+LOCK_FILE = ".kd-extract.lock"
+
+log = logging.getLogger(__name__)
 
 
 class IndexedImages(Dataset):
@@ -61,11 +90,102 @@ def _carve(targets: np.ndarray, per_class: int, seed: int) -> tuple[np.ndarray, 
     return np.setdiff1d(np.arange(len(targets)), val_idx), val_idx
 
 
-class ImageNetDataModule(SplitDataModule):
-    """ImageNet from ``<root>/train`` and ``<root>/val`` class folders.
+def _archives_needed(root: Path, splits: Sequence[str]) -> list[str]:
+    """The archive names that building ``splits`` needs; the devkit only while there is no meta.bin."""
+    return ([] if (root / META_FILE).is_file() else [ARCHIVES["devkit"]]) + [ARCHIVES[s] for s in splits]
+
+
+def _layout_error(root: Path, splits: Sequence[str], absent: Sequence[str]) -> ConfigError:
+    """The error for missing ``splits`` folders without the archives ``absent`` to build them."""
+    return ConfigError(
+        "data.root", f"no {root / splits[0]}: expected {root}/train/<class>/<image> and {root}/val/<class>/<image>, "
+        f"or the official ImageNet archives to extract them from, missing: {', '.join(str(root / a) for a in absent)} "
+        f"(download them from {DOWNLOAD_PAGE}; kd extracts them once with torchvision.datasets.ImageNet)"
+    )
+
+
+def extract_archives(root: Path, splits: Sequence[str] = SPLITS) -> None:
+    """Builds ``<root>/<split>/<wnid>/`` and ``<root>/meta.bin`` from the official archives in ``root``.
+
+    Each split folder appears (by an atomic rename) only once it is complete, and a file lock makes
+    concurrent callers wait for the one that extracts; those find the folders and return. Scratch
+    directories left by a killed extraction are removed by the next one.
 
     Args:
-        root: Directory holding ``train/`` and ``val/``.
+        root: Directory holding the archives; the folders are built there.
+        splits: Which of ``train`` and ``val`` to build; those already present are skipped.
+
+    Raises:
+        ConfigError: An archive is missing (the message names each one and where to get it), or
+            torchvision cannot extract one (e.g. its md5 sum is not the official one).
+    """
+    splits = [s for s in splits if not (root / s).is_dir()]
+    if not splits:
+        return
+    absent = [a for a in _archives_needed(root, splits) if not (root / a).is_file()]
+    if absent:
+        raise _layout_error(root, splits, absent)
+    lock = FileLock(root / LOCK_FILE)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.info("waiting for another process to extract the ImageNet archives in %s", root)
+        lock.acquire()
+    try:
+        # Whoever held the lock before may have built them meanwhile.
+        splits = [s for s in splits if not (root / s).is_dir()]
+        if not splits:
+            return
+        for stale in root.glob(SCRATCH_PREFIX + "*"):  # we hold the lock: no one is extracting there
+            shutil.rmtree(stale, ignore_errors=True)
+        log.info("extracting the ImageNet archives in %s into %s (once; hours for the full dataset)", root, ", ".join(splits))
+        scratch = Path(tempfile.mkdtemp(prefix=SCRATCH_PREFIX, dir=root))
+        try:
+            # torchvision reads the archives from, and writes the folders into, the same directory.
+            for name in [*ARCHIVES.values(), META_FILE]:
+                if (root / name).is_file():
+                    (scratch / name).symlink_to((root / name).resolve())
+            for split in splits:
+                ImageNet(str(scratch), split=split)
+                # Each finished part goes into place at once, so a later crash keeps it; meta.bin is
+                # copied, not moved, as the val split still reads it from the scratch directory.
+                if not (root / META_FILE).is_file():
+                    shutil.copyfile(scratch / META_FILE, scratch / "meta.bin.done")
+                    os.replace(scratch / "meta.bin.done", root / META_FILE)
+                os.replace(scratch / split, root / split)
+        except (RuntimeError, tarfile.TarError) as e:
+            message = str(e).replace(str(scratch), str(root)).splitlines()[0]
+            raise ConfigError(
+                "data.root", f"cannot extract the ImageNet archives in {root}: {message} (download it again from {DOWNLOAD_PAGE})"
+            ) from e
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    finally:
+        lock.release()
+
+
+def read_class_names(root: Path, wnids: Sequence[str]) -> list[str]:
+    """The words of each WNID from ``<root>/meta.bin`` (``"tench, Tinca tinca"``), else the WNID itself.
+
+    Args:
+        root: Directory that may hold torchvision's ``meta.bin``.
+        wnids: Class folder names, in class-index order.
+
+    Returns:
+        One name per class.
+    """
+    if not (root / META_FILE).is_file():
+        return list(wnids)
+    words, _ = torch.load(root / META_FILE, weights_only=True)
+    return [", ".join(words[w]) if w in words else w for w in wnids]
+
+
+class ImageNetDataModule(SplitDataModule):
+    """ImageNet from ``<root>/train`` and ``<root>/val`` class folders, or from the official archives.
+
+    Args:
+        root: Directory holding ``train/`` and ``val/``, or the three ILSVRC2012 archives to build
+            them from (once, in ``prepare_data``).
         num_classes: Classes expected (1000 for ImageNet); checked against the folders.
         image_size: Side of the training and evaluation crops (224).
         batch_size: Training batch size.
@@ -74,9 +194,14 @@ class ImageNetDataModule(SplitDataModule):
         split_seed: Seed of that split.
         num_workers: DataLoader workers (decoding JPEGs needs several).
 
+    Attributes:
+        class_names: After ``setup``, the name of each class: its words from ``<root>/meta.bin``
+            when there is one (``"tench, Tinca tinca"``), else its folder name.
+
     Raises:
-        ConfigError: On bad sizes; at setup, on a missing folder (with the expected layout) or a
-            class count other than ``num_classes``.
+        ConfigError: On bad sizes; at ``prepare_data`` or ``setup``, on missing folders without
+            the archives to build them (naming the missing files) or an archive torchvision cannot
+            extract; at ``setup``, on a class count other than ``num_classes``.
     """
 
     pin_memory = True
@@ -108,15 +233,19 @@ class ImageNetDataModule(SplitDataModule):
         resize = round(image_size * 256 / 224)
         self.eval_transform = v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(image_size), *normalize])
         self.splits: dict[str, IndexedImages] = {}
+        self.class_names: list[str] = []
+
+    def prepare_data(self) -> None:
+        """Extracts the official archives into ``train/`` and ``val/`` if those are missing (once).
+
+        Raises:
+            ConfigError: Folders missing and so are archives (named in the message), or an
+                archive cannot be extracted.
+        """
+        extract_archives(self.root)
 
     def _folder(self, split: str) -> ImageFolder:
         path = self.root / split
-        if not path.is_dir():
-            raise ConfigError(
-                "data.root", f"no {path}: expected {self.root}/train/<class>/<image> and "
-                f"{self.root}/val/<class>/<image> (ImageNet: download it from image-net.org, then sort "
-                "the validation images into class folders, e.g. with torchvision.datasets.ImageNet)"
-            )
         folder = ImageFolder(str(path))
         if len(folder.classes) != self.num_classes:
             raise ConfigError("data.num_classes", f"is {self.num_classes} but {path} has {len(folder.classes)} class folders")
@@ -125,9 +254,13 @@ class ImageNetDataModule(SplitDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
+        # Callers may need the data before the Trainer runs prepare_data (train_targets for CRD);
+        # a no-op once the folders exist, and the lock keeps concurrent ranks from extracting twice.
+        self.prepare_data()
         train, test = self._folder("train"), self._folder("val")
         if train.classes != test.classes:
             raise ConfigError("data.root", f"{self.root}/train and {self.root}/val have different class folders")
+        self.class_names = read_class_names(self.root, train.classes)
         train_idx, val_idx = _carve(np.asarray(train.targets), self.val_per_class, self.split_seed)
         self.split_indices = {"train": train_idx, "val": val_idx}
         self.splits = {
