@@ -1,4 +1,17 @@
-"""Where a run's teacher comes from: a checkpoint, the teacher store, or training it now.
+"""Where a run's teacher comes from: a checkpoint, pretrained weights, the teacher store, or training it now.
+
+In this order:
+
+- ``teacher.ckpt=PATH``: a file of weights: a state_dict, a Lightning checkpoint of a kd run, a
+  RepDistiller / mdistiller checkpoint (``{"model": state_dict, "epoch": ...}``), or a state_dict
+  saved from ``DataParallel`` / DDP (``module.`` keys). Loaded with ``weights_only=True``.
+- Pretrained in full: a teacher model built with pretrained weights whose classification head
+  fits the data as it is (``model.teacher.weights=IMAGENET1K_V1`` at 1000 classes,
+  ``kd.models.timm_model`` with ``pretrained: true``; see ``kd.models.pretrained``) is used as
+  is: nothing is trained or stored.
+- The store, or training now: any other teacher, a pretrained one whose head was replaced for
+  the data's classes included (then it is fine-tuned from its pretrained weights; the store key
+  holds the model config, ``weights`` with it).
 
 The store (``paths.teacher_dir``, ``outputs/teachers/`` by default) keys each teacher by a hash
 of everything that decides its weights: the teacher's model config, the data config, its
@@ -34,6 +47,7 @@ import kd
 from kd.errors import ConfigError, instantiate_checked
 from kd.fit import build_optimization, evaluate, fit
 from kd.models.build import build_model, count_parameters, model_node
+from kd.models.pretrained import pretrained_source
 from kd.module import DistillationModule
 from kd.results import write_json_atomic
 
@@ -56,8 +70,10 @@ class TeacherInfo:
     """Where the teacher came from and how good it is.
 
     Attributes:
-        source: ``"checkpoint"`` (given by path), ``"store"`` (reused) or ``"trained"`` (now).
-        path: The weights file.
+        source: ``"checkpoint"`` (given by path), ``"pretrained"`` (used as built), ``"store"``
+            (reused) or ``"trained"`` (now).
+        path: The weights file, or for a pretrained teacher where its weights come from
+            (``torchvision:ResNet34_Weights.IMAGENET1K_V1``).
         params: Number of parameters.
         metrics: Val and test metrics on this run's data.
         key: The store key, for store and trained teachers.
@@ -124,10 +140,19 @@ def store_key(tcfg: DictConfig) -> tuple[str, dict[str, Any]]:
 
 
 def load_weights(net: nn.Module, path: Path, key: str = "teacher.ckpt") -> None:
-    """Loads a checkpoint into ``net``: a plain state_dict, or a Lightning checkpoint of a kd run.
+    """Loads a checkpoint into ``net``, in any of the formats teachers are shared in.
 
-    Loading uses ``weights_only=True``: no pickled code runs. From a kd checkpoint the student's
-    weights are taken (a kd run's student, or a teacher run, whose student is the teacher).
+    Accepted: a plain state_dict; a Lightning checkpoint of a kd run (the weights under
+    ``"state_dict"``; the student's are taken: a kd run's student, or a teacher run, whose
+    student is the teacher); a RepDistiller or mdistiller checkpoint (the weights under
+    ``"model"``, next to ``"epoch"``, ``"optimizer"``, ``"best_acc"``...); and any of these saved
+    from ``DataParallel`` / DDP, whose keys start with ``module.``. Loading uses
+    ``weights_only=True``: no pickled code runs.
+
+    Args:
+        net: The model to load into, in place.
+        path: The checkpoint file.
+        key: The config key to blame in errors.
 
     Raises:
         ConfigError: If the file is missing, unreadable, or of another architecture.
@@ -142,10 +167,14 @@ def load_weights(net: nn.Module, path: Path, key: str = "teacher.ckpt") -> None:
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ConfigError(key, f"cannot read {path} as a PyTorch checkpoint ({type(e).__name__}: {first})") from e
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
+    for wrapper in ("state_dict", "model"):  # Lightning; RepDistiller and mdistiller
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+            break
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ConfigError(key, f"{path} holds no state_dict of tensors")
+    if state and all(k.startswith("module.") for k in state):  # saved from DataParallel / DDP
+        state = {k[len("module."):]: v for k, v in state.items()}
     if any(k.startswith("student.") for k in state):
         state = {k[len("student."):]: v for k, v in state.items() if k.startswith("student.")}
     own = net.state_dict()
@@ -190,10 +219,19 @@ def _teacher_trainer(tcfg: DictConfig, key: str, **kwargs: Any) -> L.Trainer:
 def resolve_teacher(
     cfg: DictConfig, datamodule: L.LightningDataModule, net: nn.Module | None = None
 ) -> tuple[nn.Module, TeacherInfo]:
-    """Builds the teacher and gives it weights: from ``teacher.ckpt``, the store, or training.
+    """Builds the teacher and gives it weights: from ``teacher.ckpt``, as pretrained, the store, or training.
 
     ``net``, when given, is the teacher already built from ``model.teacher`` (by the run, to
-    prepare the method); the weights are loaded into it in place.
+    prepare the method); the weights are loaded into it in place. Without ``teacher.ckpt``, a
+    teacher pretrained in full (``kd.models.pretrained.pretrained_source``) is used as built.
+
+    Args:
+        cfg: The run's config.
+        datamodule: The run's data, for the teacher's classes, input shape and evaluation.
+        net: The teacher built from ``model.teacher``, or None to build it here.
+
+    Returns:
+        The teacher, and where it came from with its metrics on this run's data.
 
     Everything that can be checked is checked before a teacher is trained: the checkpoint, the
     architecture against the data, the recipe's optimizer, scheduler and trainer.
@@ -209,12 +247,13 @@ def resolve_teacher(
     if cfg.teacher.ckpt:
         path = Path(cfg.teacher.ckpt)
         load_weights(net, path)
-        metrics: dict[str, float] = {}
-        if cfg.teacher.get("evaluate", True):
-            trainer = _teacher_trainer(tcfg, "teacher.recipe.trainer", logger=False, enable_checkpointing=False)
-            metrics = evaluate(trainer, _as_student(net, datamodule.num_classes), datamodule)
         log.info("teacher loaded from %s", path)
-        return net, TeacherInfo("checkpoint", str(path), count_parameters(net), metrics)
+        return net, TeacherInfo("checkpoint", str(path), count_parameters(net), _evaluate_as_is(cfg, tcfg, net, datamodule))
+    source = pretrained_source(net)
+    if source is not None:
+        # a ready classifier of the data's classes: training or storing it would only change it
+        log.info("teacher pretrained as is: %s", source)
+        return net, TeacherInfo("pretrained", source, count_parameters(net), _evaluate_as_is(cfg, tcfg, net, datamodule))
 
     key, keyed = store_key(tcfg)
     store = Path(cfg.teacher.store_dir)
@@ -249,6 +288,16 @@ def resolve_teacher(
         )
     source = "trained" if trained else "store"
     return net, TeacherInfo(source, str(entry / "teacher.pt"), count_parameters(net), meta["metrics"], key)
+
+
+def _evaluate_as_is(
+    cfg: DictConfig, tcfg: DictConfig, net: nn.Module, datamodule: L.LightningDataModule
+) -> dict[str, float]:
+    """Val and test metrics of a teacher that is not trained here (empty unless ``teacher.evaluate``)."""
+    if not cfg.teacher.get("evaluate", True):
+        return {}
+    trainer = _teacher_trainer(tcfg, "teacher.recipe.trainer", logger=False, enable_checkpointing=False)
+    return evaluate(trainer, _as_student(net, datamodule.num_classes), datamodule)
 
 
 def _as_student(net: nn.Module, num_classes: int) -> DistillationModule:
