@@ -16,14 +16,14 @@ from omegaconf import OmegaConf
 from kd.models.build import build_model
 from kd.run import run
 from tests.conftest import CONF
-from tests.datagen import write_mnist
+from tests.datagen import write_cifar, write_image_folder, write_mnist
 
 # Groups whose options are objects kd builds, and groups of named objects.
 OBJECT_GROUPS = {"data", "model/teacher", "model/student", "distill", "optimizer", "scheduler"}
 NAMED_OBJECT_GROUPS = {"callbacks", "logger"}
 GPU_TRAINERS = {"gpu", "ddp"}
 # groups whose options are the rows of one experiment's sweep
-EXPERIMENT_OF_GROUP = {"hinton_row": ["experiment=hinton_mnist"]}
+EXPERIMENT_OF_GROUP = {"hinton_row": ["experiment=hinton_mnist"], "cifar_row": ["experiment=cifar100_resnet56_resnet20"]}
 
 
 def group_options() -> list[tuple[str, str]]:
@@ -125,13 +125,84 @@ def test_every_method_runs_unchanged_on_a_torchvision_pair(make_cfg, resnet34_te
     assert results["student"]["params"] == 11_172_810  # torchvision's resnet18, 1 channel, 3x3 stem, 10 classes
 
 
-@pytest.mark.parametrize("option", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))
-def test_every_experiment_runs_end_to_end(make_cfg, tmp_path: Path, option: str) -> None:
+# one batch of each stage (debug=fdr) costs seconds, not tens of seconds, on the big nets
+SMALL_BATCHES = ["data.batch_size=16", "data.eval_batch_size=16", "teacher.recipe.batch_size=16"]
+
+
+def generated_data(cfg, root: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Overrides that point an experiment's data at small files in the real on-disk formats, shrunk."""
+    target = str(cfg.data._target_)
+    if target.endswith("MNISTDataModule"):
+        return [f"data.root={write_mnist(root)}", "data.val_size=40"]  # idx files
+    if target.endswith("CIFARDataModule"):  # python pickles, 3 training images per class
+        return [f"data.root={write_cifar(root, dataset=cfg.data.dataset)}", "data.val_size=100", *SMALL_BATCHES]
+    if target.endswith("ImageNetDataModule"):  # all 1000 class folders, tiny JPEGs
+        write_image_folder(root, classes=cfg.data.num_classes, per_class=2, test_per_class=1)
+        teacher = cfg.model.teacher
+        if teacher.get("weights"):  # a pretrained teacher: its weights file where torch hub caches it
+            monkeypatch.setenv("TORCH_HOME", str(root / "torch"))
+            cache_pretrained(teacher.name, teacher.weights)
+        return [f"data.root={root}", "data.val_per_class=1", "data.image_size=64", "data.num_workers=0", *SMALL_BATCHES]
+    return []
+
+
+def cache_pretrained(name: str, weights: str) -> Path:
+    """Writes a (random) state_dict where torch hub caches torchvision's ``weights`` of ``name``."""
+    import torchvision
+
+    entry = torchvision.models.get_model_weights(name)[weights]
+    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(entry.url).name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(torchvision.models.get_model(name, num_classes=len(entry.meta["categories"])).state_dict(), path)
+    return path
+
+
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("option", EXPERIMENTS)
+def test_every_experiment_runs_end_to_end(make_cfg, tmp_path: Path, monkeypatch, option: str) -> None:
     overrides = [f"experiment={option}"]
-    if "MNIST" in str(OmegaConf.select(make_cfg(*overrides), "data._target_")):
-        overrides += [f"data.root={write_mnist(tmp_path / 'data')}", "data.val_size=40"]  # generated idx files
+    cfg = make_cfg(*overrides)
+    overrides += generated_data(cfg, tmp_path / "data", monkeypatch)
     results = run(make_cfg(*overrides))
     assert results["status"] == "completed"
+    if cfg.distill._target_ != "kd.losses.ce.CrossEntropy":  # a teacher pretrained in full is used as is
+        assert results["teacher"]["source"] == ("pretrained" if cfg.model.teacher.get("weights") else "trained")
+
+
+CIFAR_PAIRS = [e for e in EXPERIMENTS if e.startswith("cifar100_")]
+# DKD's beta per pair (DKD paper, CIFAR-100): 8 for resnet32x4, 6 for wrn and vgg, 2 for resnet56/110
+DKD_BETA = {"resnet32x4": 8, "wrn_40_2": 6, "vgg13": 6, "resnet56": 2, "resnet110": 2}
+
+
+@pytest.mark.parametrize("option", CIFAR_PAIRS)
+def test_cifar_pairs_follow_the_reference_recipe(make_cfg, option: str) -> None:
+    cfg = make_cfg(f"experiment={option}", "cifar_row=dkd", fast=False)
+    teacher = str(cfg.model.teacher._target_).rsplit(".", 1)[-1]
+    assert cfg.distill.beta == DKD_BETA[teacher] and cfg.distill.temperature == 4 and cfg.distill.ce_weight == 1
+    assert cfg.distill.weight.epochs == 20  # the linear warm-up of the DKD terms
+    assert (cfg.trainer.max_epochs, cfg.data.batch_size, cfg.data.dataset) == (240, 64, "cifar100")
+    assert (cfg.optimizer.lr, cfg.optimizer.momentum, cfg.optimizer.weight_decay) == (0.05, 0.9, 5e-4)
+    assert list(cfg.scheduler.milestones) == [150, 180, 210] and cfg.scheduler.gamma == 0.1
+    recipe = cfg.teacher.recipe  # the teacher trains on the same recipe
+    assert (recipe.max_epochs, recipe.batch_size, recipe.optimizer.lr) == (240, 64, 0.05)
+    assert list(recipe.scheduler.milestones) == [150, 180, 210]
+    # the sweep of the row covers every column of the published table
+    sweep = OmegaConf.load(CONF / "experiment" / f"{option}.yaml").hydra.sweeper.params.cifar_row
+    assert set(sweep.split(",")) | {"teacher"} == set(cfg.pair.published)
+
+
+@pytest.mark.parametrize("row", sorted(p.stem for p in (CONF / "cifar_row").glob("*.yaml")))
+def test_every_cifar_row_runs_on_a_pair(make_cfg, tmp_path: Path, monkeypatch, row: str) -> None:
+    overrides = ["experiment=cifar100_resnet56_resnet20", f"cifar_row={row}"]
+    overrides += generated_data(make_cfg(*overrides), tmp_path / "data", monkeypatch)
+    results = run(make_cfg(*overrides))
+    assert results["status"] == "completed"
+    method = {"student": "CrossEntropy", "kd": "KDLoss", "crd": "CRDLoss", "crd_kd": "Combined", "dkd": "DKDLoss"}[row]
+    assert results["method"] == method
+    assert (results["teacher"] is None) == (row == "student")
+    assert results["student"]["params"] == 278_324  # resnet20 at 100 classes
 
 
 def test_experiment_overlays_override_groups(make_cfg) -> None:
