@@ -171,7 +171,7 @@ def test_every_experiment_runs_end_to_end(make_cfg, tmp_path: Path, monkeypatch,
         assert results["teacher"]["source"] == ("pretrained" if cfg.model.teacher.get("weights") else "trained")
 
 
-CIFAR_PAIRS = [e for e in EXPERIMENTS if e.startswith("cifar100_")]
+CIFAR_PAIRS = [e for e in EXPERIMENTS if e.startswith("cifar100_") and e != "cifar100_teachers"]
 # DKD's beta per pair (DKD paper, CIFAR-100): 8 for resnet32x4, 6 for wrn and vgg, 2 for resnet56/110
 DKD_BETA = {"resnet32x4": 8, "wrn_40_2": 6, "vgg13": 6, "resnet56": 2, "resnet110": 2}
 
@@ -191,6 +191,18 @@ def test_cifar_pairs_follow_the_reference_recipe(make_cfg, option: str) -> None:
     # the sweep of the row covers every column of the published table
     sweep = OmegaConf.load(CONF / "experiment" / f"{option}.yaml").hydra.sweeper.params.cifar_row
     assert set(sweep.split(",")) | {"teacher"} == set(cfg.pair.published)
+
+
+def test_the_cifar_teachers_sweep_covers_every_teacher_of_the_pairs(make_cfg) -> None:
+    sweep = OmegaConf.load(CONF / "experiment" / "cifar100_teachers.yaml").hydra.sweeper.params["model/student"]
+    teachers = {
+        entry["override /model/teacher"] for p in CIFAR_PAIRS
+        for entry in OmegaConf.load(CONF / "experiment" / f"{p}.yaml").defaults if "override /model/teacher" in entry
+    }
+    assert len(teachers) == len(CIFAR_PAIRS)
+    assert teachers <= set(sweep.split(","))
+    cfg = make_cfg("experiment=cifar100_teachers", fast=False)  # each trained alone on the recipe
+    assert cfg.distill._target_ == "kd.losses.ce.CrossEntropy" and cfg.trainer.max_epochs == 240
 
 
 @pytest.mark.parametrize("row", sorted(p.stem for p in (CONF / "cifar_row").glob("*.yaml")))
