@@ -83,7 +83,8 @@ def summary_table(results: dict[str, Any]) -> str:
     lines.insert(1, "-" * len(lines[0]))
     notes = []
     if teacher:
-        how = {"trained": "trained now and stored", "store": "reused from the store", "checkpoint": "loaded from"}
+        how = {"trained": "trained now and stored", "store": "reused from the store", "checkpoint": "loaded from",
+               "pretrained": "pretrained, used as is:"}
         notes.append(f"teacher: {how.get(teacher['source'], teacher['source'])} {teacher['path']}")
     selected = "best-validation checkpoint" if student["selected"] == "best_val" else "final weights"
     notes.append(f"student: {results['method']}, val/test of the {selected}" + (f" (epoch {student['best_epoch']})" if student.get("best_epoch") is not None else ""))

@@ -59,7 +59,7 @@ def test_a_teacher_pretrained_in_full_is_used_as_is(make_cfg, tmp_path: Path) ->
 
 
 def test_a_run_distills_from_pretrained_torchvision_weights_without_training_a_teacher(
-    make_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, offline_torch_hub: Path
+    make_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, offline_torch_hub: Path, capsys: pytest.CaptureFixture
 ) -> None:
     # weights of CIFAR-10's ten classes, under the name of ResNet18_Weights.IMAGENET1K_V1
     monkeypatch.setitem(RESNET18.meta, "categories", [f"c{i}" for i in range(10)])
@@ -76,6 +76,7 @@ def test_a_run_distills_from_pretrained_torchvision_weights_without_training_a_t
     assert teacher["params"] == count_parameters(torchvision.models.resnet18(num_classes=10))
     assert "test/acc" in teacher["metrics"]
     assert not store.exists() and not (tmp_path / "run" / "teachers").exists()
+    assert "teacher: pretrained, used as is: torchvision:ResNet18_Weights.IMAGENET1K_V1" in capsys.readouterr().out
 
 
 def test_a_pretrained_teacher_with_a_new_head_is_fine_tuned_from_its_weights(
