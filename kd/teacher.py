@@ -23,6 +23,7 @@ reader never sees half of one and two runs never train the same teacher at once.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import hashlib
 import json
@@ -124,9 +125,12 @@ def store_key(tcfg: DictConfig) -> tuple[str, dict[str, Any]]:
     def resolved(node: Any) -> Any:
         return OmegaConf.to_container(node, resolve=True) if node is not None else None
 
+    model = resolved(model_node(tcfg.model.student))
+    if "weights" in model and model["weights"] is None:  # random init, as before the key existed: same key
+        del model["weights"]
     keyed = {
         "format": STORE_FORMAT,
-        "model": resolved(model_node(tcfg.model.student)),
+        "model": model,
         "data": {k: v for k, v in resolved(tcfg.data).items() if k not in _UNKEYED_DATA},
         "criterion": resolved(tcfg.distill),
         "optimizer": resolved(tcfg.optimizer),
@@ -163,7 +167,10 @@ def load_weights(net: nn.Module, path: Path, key: str = "teacher.ckpt") -> None:
             "to reuse or train a teacher from the store)"
         )
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        # RepDistiller's *_last.pth and timm's or torchvision's training checkpoints hold their
+        # argparse options next to the weights: allowed, as plain data, and nothing else
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ConfigError(key, f"cannot read {path} as a PyTorch checkpoint ({type(e).__name__}: {first})") from e

@@ -100,7 +100,7 @@ def test_every_method_runs_end_to_end(make_cfg, option: str) -> None:
     check_terms(results, option)
     # debug=fdr caps preliminary stages at one epoch (stages.max_epochs)
     assert [s["epochs"] for s in results["stages"]] == ([1] if option in STAGED else [])
-    assert results["config"]["distill"]["_target_"] == OmegaConf.load(CONF / "distill" / f"{option}.yaml")["_target_"]
+    assert results["config"]["distill"]["_target_"] == make_cfg(f"distill={option}").distill._target_
 
 
 @pytest.fixture(scope="module")
@@ -176,8 +176,21 @@ CIFAR_PAIRS = [e for e in EXPERIMENTS if e.startswith("cifar100_") and e != "cif
 DKD_BETA = {"resnet32x4": 8, "wrn_40_2": 6, "vgg13": 6, "resnet56": 2, "resnet110": 2}
 
 
+@pytest.mark.parametrize("option", [*CIFAR_PAIRS, "imagenet_resnet34_resnet18"])
+@pytest.mark.parametrize("method", ["none", "kd", "crd", "dkd", "at"])
+def test_a_method_picked_in_an_experiment_keeps_its_own_settings(make_cfg, option: str, method: str) -> None:
+    # distill=<method> replaces the experiment's method whole: nothing of the experiment's leaks into it
+    cfg = make_cfg(f"experiment={option}", f"distill={method}", fast=False)
+    expected = make_cfg(f"distill={method}", fast=False).distill
+    assert OmegaConf.to_container(cfg.distill) == OmegaConf.to_container(expected)
+    assert instantiate(cfg.distill) is not None
+
+
 @pytest.mark.parametrize("option", CIFAR_PAIRS)
 def test_cifar_pairs_follow_the_reference_recipe(make_cfg, option: str) -> None:
+    kd, crd = (make_cfg(f"experiment={option}", f"cifar_row={row}", fast=False).distill for row in ("kd", "crd"))
+    assert (kd.temperature, kd.weight, kd.ce_weight) == (4, 0.9, 0.1)
+    assert (crd.weight, crd.ce_weight, crd.feat_dim, crd.nce_k, crd.nce_t, crd.nce_mom) == (0.8, 1, 128, 16384, 0.07, 0.5)
     cfg = make_cfg(f"experiment={option}", "cifar_row=dkd", fast=False)
     teacher = str(cfg.model.teacher._target_).rsplit(".", 1)[-1]
     assert cfg.distill.beta == DKD_BETA[teacher] and cfg.distill.temperature == 4 and cfg.distill.ce_weight == 1

@@ -138,3 +138,14 @@ def test_full_default_experiment_distills_a_strong_student(make_cfg) -> None:
     results = run(make_cfg(fast=False))
     assert results["teacher"]["metrics"]["test/acc"] > 0.97
     assert results["student"]["metrics"]["test/acc"] > 0.95
+
+
+@pytest.mark.parametrize(("overrides", "stored"), [
+    ((), "convnet-ad48f8e77dad"),
+    (("experiment=digits_resnet",), "torchvision_model-6b7a337e7a79"),
+    (("model/teacher=tv_resnet34", "data=cifar100"), "torchvision_model-32be3c9fe61f"),
+])
+def test_teachers_already_stored_keep_their_keys(make_cfg, overrides: tuple[str, ...], stored: str) -> None:
+    # keys of teachers stored by earlier kd versions: a config change that renames them would
+    # silently orphan every stored teacher (bump STORE_FORMAT when that is intended)
+    assert store_key(teacher_run_config(make_cfg(*overrides, fast=False)))[0] == stored

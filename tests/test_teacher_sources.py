@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import pytest
@@ -112,13 +113,15 @@ def _optimizer_state() -> dict:
     return optimizer.state_dict()
 
 
-@pytest.mark.parametrize("layout", ["repdistiller", "mdistiller_distiller", "mdistiller_student", "data_parallel"])
+@pytest.mark.parametrize("layout", ["repdistiller", "repdistiller_last", "mdistiller_distiller", "mdistiller_student", "data_parallel"])
 def test_checkpoints_of_other_code_bases_load_as_teacher(tmp_path: Path, layout: str) -> None:
     state = _trained_state(seed=0)
     module = {f"module.{k}": v for k, v in state.items()}
     checkpoint = {
         # RepDistiller's train_teacher.py
         "repdistiller": {"epoch": 240, "model": state, "best_acc": torch.tensor(79.4), "optimizer": _optimizer_state()},
+        # RepDistiller's <model>_last.pth: its argparse options pickled next to the weights
+        "repdistiller_last": {"opt": argparse.Namespace(model="resnet8", learning_rate=0.05), "model": state},
         # mdistiller's `latest` / `best`: the DataParallel-wrapped distiller, teacher and student
         "mdistiller_distiller": {
             "epoch": 240, "best_acc": torch.tensor(71.2), "optimizer": _optimizer_state(),
