@@ -17,7 +17,6 @@ from torchvision.datasets import CIFAR10, CIFAR100
 from torchvision.transforms import v2
 
 from kd.data.splits import SplitDataModule
-from kd.data.tensor import stratified_split
 from kd.errors import ConfigError, check_int
 
 # per-channel mean and std of the training images in [0, 1] (CIFAR-100: the CRD code's values)
@@ -138,9 +137,7 @@ class CIFARDataModule(SplitDataModule):
             return
         train, test = self._load(train=True), self._load(train=False)
         labels = np.asarray(train.targets)
-        if not 0 < self.val_size < len(labels):
-            raise ConfigError("data.val_size", f"must be in [1, {len(labels)}), got {self.val_size}")
-        parts = stratified_split(labels, {"train": 0.0, "val": self.val_size / len(labels)}, self.split_seed)
+        parts = self.carve_val(labels, self.val_size, self.split_seed)
         self.split_indices = parts
         images = torch.from_numpy(train.data).permute(0, 3, 1, 2).contiguous()  # (N, 3, 32, 32) uint8
         targets = torch.as_tensor(labels, dtype=torch.long)

@@ -15,7 +15,6 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from kd.data.splits import SplitDataModule
-from kd.data.tensor import stratified_split
 from kd.errors import ConfigError, check_int
 
 MEAN, STD = 0.1307, 0.3081  # of the MNIST training images, in [0, 1]
@@ -114,9 +113,7 @@ class MNISTDataModule(SplitDataModule):
             return
         train, test = self._load(train=True), self._load(train=False)
         labels = np.asarray(train.targets)
-        if not 0 < self.val_size < len(labels):
-            raise ConfigError("data.val_size", f"must be in [1, {len(labels)}), got {self.val_size}")
-        parts = stratified_split(labels, {"train": 0.0, "val": self.val_size / len(labels)}, self.split_seed)
+        parts = self.carve_val(labels, self.val_size, self.split_seed)
         self.split_indices = parts
         images, targets = train.data, train.targets.long()  # (N, 28, 28) uint8, (N,)
         self.splits = {

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import lightning as L
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
+
+from kd.data.tensor import stratified_split
+from kd.errors import ConfigError
 
 
 class SplitDataModule(L.LightningDataModule):
@@ -21,6 +25,16 @@ class SplitDataModule(L.LightningDataModule):
     batch_size: int
     eval_batch_size: int
     num_workers: int
+
+    def carve_val(self, labels: np.ndarray, val_size: int, seed: int) -> dict[str, np.ndarray]:
+        """Indices of a stratified split of ``val_size`` validation samples and the rest for training.
+
+        Raises:
+            ConfigError: If ``val_size`` leaves no training or no validation sample.
+        """
+        if not 0 < val_size < len(labels):
+            raise ConfigError("data.val_size", f"must be in [1, {len(labels)}), got {val_size}")
+        return stratified_split(labels, {"train": 0.0, "val": val_size / len(labels)}, seed)
 
     def train_targets(self) -> Tensor:
         """Labels of the training split in the order of ``batch["index"]``, ``(N,)``."""
