@@ -1,0 +1,139 @@
+"""The contract between ``run(cfg)`` and the compression callbacks (pruning, QAT).
+
+A compression callback is a Lightning ``Callback`` that changes the student while it trains,
+with the teacher distilling into it throughout. Besides Lightning's hooks it has four parts that
+``kd.run`` calls, in this order:
+
+1. ``check(...)``: right after the config is composed, before any teacher or student trains;
+   every bad value (a sparsity of 1.2, a start epoch beyond ``max_epochs``, a student whose layers
+   the method cannot handle) is a one-line ``ConfigError`` here.
+2. Lightning's hooks during ``trainer.fit``. The callback snapshots the dense student just before
+   it first changes it (``take_dense_snapshot``), for the compression report.
+3. Checkpoint selection: from ``final_epoch`` on, the student has its final form (target
+   sparsity, fake quantization, channels removed); the best-validation checkpoint is chosen among
+   those epochs only (``reset_selection``), so the reported student is the compressed one and
+   its checkpoint loads into the final module.
+4. ``finalize(student)``, after ``fit`` has loaded the selected weights: masks made permanent,
+   the fake-quantized model converted to int8. It returns the deployable model.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from torch import nn
+
+
+class Compression(L.Callback):
+    """Base class of kd's compression callbacks.
+
+    Attributes:
+        key: The config key of this callback (``callbacks.prune``), for error messages; ``run``
+            sets it.
+        order: Finalization order: pruning (0) before quantization (10).
+        changes_parameters: True when the callback replaces parameter tensors (structured
+            pruning removes channels), so other compression must start only after it is done.
+        dense: A copy of the student taken just before this callback first changed it, in eval
+            mode, or None when it has not changed it yet.
+        dense_epoch: The epoch at whose start ``dense`` was taken.
+    """
+
+    key: str = "callbacks"
+    order: int = 0
+    changes_parameters: bool = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dense: nn.Module | None = None
+        self.dense_epoch: int | None = None
+
+    # --- what run() calls -------------------------------------------------------------------
+
+    def check(
+        self, student: nn.Module, *, max_epochs: int, reads_features: bool, input_shape: tuple[int, ...]
+    ) -> None:
+        """Refuses, before anything trains, what this callback cannot do.
+
+        Args:
+            student: The student as built from its config (not yet trained).
+            max_epochs: ``trainer.max_epochs``.
+            reads_features: Whether the distillation method reads intermediate features of the
+                student (FitNet, CRD, ...), not only its logits.
+            input_shape: Shape of one input ``(C, H, W)``.
+
+        Raises:
+            ConfigError: Naming ``self.key`` and what to change.
+        """
+
+    @property
+    def start_epoch(self) -> int:
+        """The first epoch in which the callback changes the student."""
+        raise NotImplementedError
+
+    @property
+    def final_epoch(self) -> int:
+        """The first epoch at whose end the student has its final compressed form."""
+        raise NotImplementedError
+
+    def finalize(self, student: nn.Module, input_shape: tuple[int, ...]) -> nn.Module:
+        """The deployable student from the trained (selected) one, in eval mode, on the CPU.
+
+        Args:
+            student: The student after training, holding the selected weights (possibly already
+                finalized by a callback of lower ``order``).
+            input_shape: Shape of one input ``(C, H, W)``.
+        """
+        return student
+
+    def summary(self) -> dict[str, Any]:
+        """What the callback did, for ``results.json`` (its settings and measured outcome)."""
+        return {"callback": type(self).__name__}
+
+    # --- helpers for subclasses ---------------------------------------------------------------
+
+    def take_dense_snapshot(self, trainer: L.Trainer, student: nn.Module) -> None:
+        """Keeps a copy of the student before this callback first changes it (once)."""
+        if self.dense is None:
+            self.dense = copy.deepcopy(student).eval()
+            self.dense_epoch = int(trainer.current_epoch)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.current_epoch == self.final_epoch:
+            reset_selection(trainer)
+
+
+def reset_selection(trainer: L.Trainer) -> None:
+    """Makes checkpoint selection and early stopping forget the epochs before this one.
+
+    The checkpoints already written stay on disk; they are no longer candidates for the
+    best-validation student.
+    """
+    for cb in trainer.callbacks:  # type: ignore[attr-defined]
+        if isinstance(cb, ModelCheckpoint) and cb.monitor:
+            cb.best_k_models = {}
+            cb.kth_best_model_path = ""
+            cb.best_model_score = None
+            cb.best_model_path = ""
+            cb.kth_value = torch.tensor(torch.inf if cb.mode == "min" else -torch.inf)
+        elif isinstance(cb, EarlyStopping):
+            cb.wait_count = 0
+            cb.best_score = torch.tensor(torch.inf if cb.mode == "min" else -torch.inf)
+
+
+def compressions(callbacks: Sequence[L.Callback]) -> list[Compression]:
+    """The compression callbacks among ``callbacks``, in finalization order."""
+    return sorted((c for c in callbacks if isinstance(c, Compression)), key=lambda c: c.order)
+
+
+def dense_snapshot(callbacks: Sequence[Compression]) -> tuple[nn.Module | None, int | None]:
+    """The earliest dense snapshot any compression callback took, with its epoch."""
+    taken = [(c.dense_epoch, c.dense) for c in callbacks if c.dense is not None and c.dense_epoch is not None]
+    if not taken:
+        return None, None
+    epoch, model = min(taken, key=lambda t: t[0])
+    return model, epoch
