@@ -34,7 +34,8 @@ class Compression(L.Callback):
 
     Attributes:
         key: The config key of this callback (``callbacks.prune``), for error messages; ``run``
-            sets it.
+            sets it after construction (constructor errors name the bare argument, which
+            ``instantiate_checked`` places under the callback's key).
         order: Finalization order: pruning (0) before quantization (10).
         changes_parameters: True when the callback replaces parameter tensors (structured
             pruning removes channels), so other compression must start only after it is done.
@@ -43,7 +44,7 @@ class Compression(L.Callback):
         dense_epoch: The epoch at whose start ``dense`` was taken.
     """
 
-    key: str = "callbacks"
+    key: str = ""
     order: int = 0
     changes_parameters: bool = False
 
@@ -95,6 +96,10 @@ class Compression(L.Callback):
         return {"callback": type(self).__name__}
 
     # --- helpers for subclasses ---------------------------------------------------------------
+
+    def at(self, arg: str) -> str:
+        """The config key of one of this callback's arguments, for a ConfigError."""
+        return f"{self.key}.{arg}" if self.key else arg
 
     def take_dense_snapshot(self, trainer: L.Trainer, student: nn.Module) -> None:
         """Keeps a copy of the student before this callback first changes it (once)."""
