@@ -14,6 +14,9 @@ import lightning as L
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 import kd
+from kd.compress.base import Compression, compressions
+from kd.compress.deploy import deploy_and_report
+from kd.compress.report import format_report
 from kd.errors import ConfigError, check_int, instantiate_checked
 from kd.fit import build_optimization, fit
 from kd.method import prepare_method
@@ -110,10 +113,41 @@ def stage_strategy(cfg: DictConfig) -> dict[str, str]:
 
 
 def instantiate_group(node: DictConfig | None, key: str) -> list[Any]:
-    """Instantiates each named entry of a group of objects (``callbacks``, ``logger``), in order."""
-    if not node:
-        return []
-    return [instantiate_checked(v, f"{key}.{name}") for name, v in node.items() if v is not None]
+    """Instantiates each named entry of a group of objects (``callbacks``, ``logger``), in order.
+
+    A compression callback learns its config key (``callbacks.prune``) for its error messages.
+    """
+    objects = []
+    for name, value in (node or {}).items():
+        if value is None:
+            continue
+        obj = instantiate_checked(value, f"{key}.{name}")
+        if isinstance(obj, Compression):
+            obj.key = f"{key}.{name}"
+        objects.append(obj)
+    return objects
+
+
+def check_compression(
+    callbacks: list[Compression], student: Any, *, max_epochs: int, reads_features: bool, input_shape: tuple[int, ...]
+) -> None:
+    """Each compression callback's own checks, then whether they can run together.
+
+    Raises:
+        ConfigError: Before training, for a callback that cannot work on this run, or a callback
+            that replaces parameters (structured pruning) still running when another starts.
+    """
+    for cb in callbacks:
+        cb.check(student, max_epochs=max_epochs, reads_features=reads_features, input_shape=input_shape)
+    for cb in callbacks:
+        if not cb.changes_parameters:
+            continue
+        for other in callbacks:
+            if other is not cb and other.start_epoch <= cb.final_epoch:
+                raise ConfigError(
+                    f"{other.key}.start_epoch", f"is {other.start_epoch}, but {cb.key} replaces the student's "
+                    f"parameters until epoch {cb.final_epoch}; start it at epoch {cb.final_epoch + 1} or later"
+                )
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -160,6 +194,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         cfg.trainer, "trainer", callbacks=instantiate_group(cfg.get("callbacks"), "callbacks"),
         logger=loggers or False,
     )
+    compress = compressions(trainer.callbacks)
+    check_compression(
+        compress, student, max_epochs=int(trainer.max_epochs), reads_features=bool(features[0].nodes), input_shape=shape
+    )
 
     teacher_info = None
     if teacher is not None:
@@ -180,6 +218,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         ),
     )
     weights = output_dir / STUDENT_WEIGHTS
+    student = result.module.student  # the compression callbacks may have replaced it
     test_size = len(datamodule.test_dataloader().dataset)
     for metrics in (result.metrics, result.final_metrics):  # misclassified test images, as papers count them
         if "test/acc" in metrics:
@@ -213,8 +252,19 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "config": resolved,
     }
     if result.module.trainer.is_global_zero:
-        # the selected student alone: no teacher, no auxiliary modules of the method
-        save_atomic(result.module.student.state_dict(), weights)
+        # the selected student alone, as trained: no teacher, no auxiliary modules of the method
+        save_atomic(student.state_dict(), weights)
+        if cfg.report.enabled:
+            report = cfg.report
+            results["report"] = deploy_and_report(
+                student=student, teacher=teacher, student_test_acc=result.metrics.get("test/acc"),
+                teacher_test_acc=teacher_info.metrics.get("test/acc") if teacher_info else None,
+                callbacks=compress, datamodule=datamodule, input_shape=shape, output_dir=output_dir,
+                batch_sizes=list(report.latency.batch_sizes), warmup=report.latency.warmup,
+                repeats=report.latency.repeats, onnx=report.onnx, measure_teacher=report.teacher,
+            )
         write_json_atomic(output_dir / RESULTS_FILE, results)
         print(summary_table(results), flush=True)
+        if "report" in results:
+            print(format_report(results["report"]), flush=True)
     return results

@@ -20,6 +20,7 @@ with the teacher distilling into it throughout. Besides Lightning's hooks it has
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -52,6 +53,7 @@ class Compression(L.Callback):
         super().__init__()
         self.dense: nn.Module | None = None
         self.dense_epoch: int | None = None
+        self._dense_taken_at = 0.0
 
     # --- what run() calls -------------------------------------------------------------------
 
@@ -106,6 +108,7 @@ class Compression(L.Callback):
         if self.dense is None:
             self.dense = copy.deepcopy(student).eval()
             self.dense_epoch = int(trainer.current_epoch)
+            self._dense_taken_at = time.monotonic()
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.current_epoch == self.final_epoch:
@@ -136,9 +139,13 @@ def compressions(callbacks: Sequence[L.Callback]) -> list[Compression]:
 
 
 def dense_snapshot(callbacks: Sequence[Compression]) -> tuple[nn.Module | None, int | None]:
-    """The earliest dense snapshot any compression callback took, with its epoch."""
-    taken = [(c.dense_epoch, c.dense) for c in callbacks if c.dense is not None and c.dense_epoch is not None]
+    """The earliest dense snapshot any compression callback took, with its epoch.
+
+    Two callbacks starting in one epoch both snapshot; the one taken first saw the student
+    before the other changed it.
+    """
+    taken = [c for c in callbacks if c.dense is not None and c.dense_epoch is not None]
     if not taken:
         return None, None
-    epoch, model = min(taken, key=lambda t: t[0])
-    return model, epoch
+    first = min(taken, key=lambda c: c._dense_taken_at)  # noqa: SLF001
+    return first.dense, first.dense_epoch
