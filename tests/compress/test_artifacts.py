@@ -11,7 +11,13 @@ import torch
 from torch import fx, nn
 
 from kd.compress.artifacts import (
-    OnnxModel, drop_unused_attributes, export_onnx, export_program, file_size, input_shape_of, load_artifact,
+    OnnxModel,
+    drop_unused_attributes,
+    export_onnx,
+    export_program,
+    file_size,
+    input_shape_of,
+    load_artifact,
 )
 from kd.errors import ConfigError
 from kd.models import MLP, ConvNet
@@ -57,7 +63,8 @@ def pt2e_int8_convnet() -> fx.GraphModule:
     from torchao.quantization.pt2e import allow_exported_model_train_eval
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_qat_pt2e
     from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
-        X86InductorQuantizer, get_default_x86_inductor_quantization_config,
+        X86InductorQuantizer,
+        get_default_x86_inductor_quantization_config,
     )
 
     torch.manual_seed(0)
