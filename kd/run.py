@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.callbacks import EarlyStopping
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 import kd
@@ -129,25 +130,36 @@ def instantiate_group(node: DictConfig | None, key: str) -> list[Any]:
 
 
 def check_compression(
-    callbacks: list[Compression], student: Any, *, max_epochs: int, reads_features: bool, input_shape: tuple[int, ...]
+    callbacks: list[Compression], trainer: L.Trainer, student: Any, *, reads_features: bool, input_shape: tuple[int, ...]
 ) -> None:
-    """Each compression callback's own checks, then whether they can run together.
+    """Each compression callback's own checks, then whether they can run together in this trainer.
 
     Raises:
-        ConfigError: Before training, for a callback that cannot work on this run, or a callback
-            that replaces parameters (structured pruning) still running when another starts.
+        ConfigError: Before training, for a callback that cannot work on this run; a callback
+            that replaces parameters (structured pruning) with another one; early stopping,
+            which could end training before the student has its final form; several devices.
     """
+    if not callbacks:
+        return
+    names = ", ".join(cb.key for cb in callbacks)
+    max_epochs = trainer.max_epochs
+    if max_epochs is None or max_epochs < 1:
+        raise ConfigError("trainer.max_epochs", f"is {max_epochs}; {names} schedule by epoch: set it to >= 1")
+    if trainer.world_size > 1:
+        raise ConfigError("trainer.devices", f"{names} run on one device (got {trainer.world_size} processes): "
+                          "set trainer.devices=1")
+    if any(isinstance(cb, EarlyStopping) for cb in trainer.callbacks):  # type: ignore[attr-defined]
+        raise ConfigError("callbacks", f"early stopping could end training before {names} finish; "
+                          "drop it (callbacks=[default,...]): checkpoints are selected on val among compressed epochs")
     for cb in callbacks:
-        cb.check(student, max_epochs=max_epochs, reads_features=reads_features, input_shape=input_shape)
+        cb.check(student, max_epochs=int(max_epochs), reads_features=reads_features, input_shape=input_shape)
     for cb in callbacks:
-        if not cb.changes_parameters:
-            continue
-        for other in callbacks:
-            if other is not cb and other.start_epoch <= cb.final_epoch:
-                raise ConfigError(
-                    f"{other.key}.start_epoch", f"is {other.start_epoch}, but {cb.key} replaces the student's "
-                    f"parameters until epoch {cb.final_epoch}; start it at epoch {cb.final_epoch + 1} or later"
-                )
+        others = [o for o in callbacks if o is not cb]
+        if cb.changes_parameters and others:
+            raise ConfigError(
+                f"{others[0].key}", f"cannot run with {cb.key}, which replaces the student's parameters; "
+                "structured pruning combines with nothing else yet (run it alone)"
+            )
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -195,9 +207,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         logger=loggers or False,
     )
     compress = compressions(trainer.callbacks)
-    check_compression(
-        compress, student, max_epochs=int(trainer.max_epochs), reads_features=bool(features[0].nodes), input_shape=shape
-    )
+    check_compression(compress, trainer, student, reads_features=bool(features[0].nodes), input_shape=shape)
 
     teacher_info = None
     if teacher is not None:
@@ -254,17 +264,28 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if result.module.trainer.is_global_zero:
         # the selected student alone, as trained: no teacher, no auxiliary modules of the method
         save_atomic(student.state_dict(), weights)
+        write_json_atomic(output_dir / RESULTS_FILE, results)  # kept even if the report fails below
+        print(summary_table(results), flush=True)
         if cfg.report.enabled:
             report = cfg.report
-            results["report"] = deploy_and_report(
-                student=student, teacher=teacher, student_test_acc=result.metrics.get("test/acc"),
-                teacher_test_acc=teacher_info.metrics.get("test/acc") if teacher_info else None,
-                callbacks=compress, datamodule=datamodule, input_shape=shape, output_dir=output_dir,
-                batch_sizes=list(report.latency.batch_sizes), warmup=report.latency.warmup,
-                repeats=report.latency.repeats, onnx=report.onnx, measure_teacher=report.teacher,
-            )
-        write_json_atomic(output_dir / RESULTS_FILE, results)
-        print(summary_table(results), flush=True)
-        if "report" in results:
-            print(format_report(results["report"]), flush=True)
+            limit = result.module.trainer.limit_test_batches
+            try:
+                results["report"] = deploy_and_report(
+                    student=student, teacher=teacher, student_test_acc=result.metrics.get("test/acc"),
+                    teacher_test_acc=teacher_info.metrics.get("test/acc") if teacher_info else None,
+                    callbacks=compress, datamodule=datamodule, input_shape=shape, output_dir=output_dir,
+                    batch_sizes=list(report.latency.batch_sizes), warmup=report.latency.warmup,
+                    repeats=report.latency.repeats, onnx=report.onnx, measure_teacher=report.teacher,
+                    test_batches=limit if isinstance(limit, int) else None,
+                )
+            except Exception as e:  # noqa: BLE001 - training is done; its results must survive
+                log.exception("the compression report failed")
+                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                results["report"] = {"error": f"{type(e).__name__}: {first}"}
+            results["wall_time_s"] = round(time.time() - start, 2)
+            write_json_atomic(output_dir / RESULTS_FILE, results)
+            if "error" in results["report"]:
+                print(f"compression report failed: {results['report']['error']} (results.json has the rest)", flush=True)
+            else:
+                print(format_report(results["report"]), flush=True)
     return results

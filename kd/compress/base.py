@@ -42,7 +42,8 @@ class Compression(L.Callback):
             pruning removes channels), so other compression must start only after it is done.
         dense: A copy of the student taken just before this callback first changed it, in eval
             mode, or None when it has not changed it yet.
-        dense_epoch: The epoch at whose start ``dense`` was taken.
+        dense_epoch: The epoch during (or at whose start) ``dense`` was taken.
+        dense_step: The optimizer steps taken by then.
     """
 
     key: str = ""
@@ -53,6 +54,7 @@ class Compression(L.Callback):
         super().__init__()
         self.dense: nn.Module | None = None
         self.dense_epoch: int | None = None
+        self.dense_step: int | None = None
         self._dense_taken_at = 0.0
 
     # --- what run() calls -------------------------------------------------------------------
@@ -108,6 +110,7 @@ class Compression(L.Callback):
         if self.dense is None:
             self.dense = copy.deepcopy(student).eval()
             self.dense_epoch = int(trainer.current_epoch)
+            self.dense_step = int(trainer.global_step)
             self._dense_taken_at = time.monotonic()
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -138,14 +141,14 @@ def compressions(callbacks: Sequence[L.Callback]) -> list[Compression]:
     return sorted((c for c in callbacks if isinstance(c, Compression)), key=lambda c: c.order)
 
 
-def dense_snapshot(callbacks: Sequence[Compression]) -> tuple[nn.Module | None, int | None]:
-    """The earliest dense snapshot any compression callback took, with its epoch.
+def dense_snapshot(callbacks: Sequence[Compression]) -> tuple[nn.Module | None, int | None, int | None]:
+    """The earliest dense snapshot any compression callback took, with its epoch and step.
 
     Two callbacks starting in one epoch both snapshot; the one taken first saw the student
     before the other changed it.
     """
     taken = [c for c in callbacks if c.dense is not None and c.dense_epoch is not None]
     if not taken:
-        return None, None
+        return None, None, None
     first = min(taken, key=lambda c: c._dense_taken_at)  # noqa: SLF001
-    return first.dense, first.dense_epoch
+    return first.dense, first.dense_epoch, first.dense_step

@@ -9,7 +9,8 @@ back and measured next to the teacher and the dense student.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from itertools import islice
 from operator import attrgetter
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ def deploy_and_report(
     repeats: int = 20,
     onnx: bool = True,
     measure_teacher: bool = True,
+    test_batches: int | None = None,
 ) -> dict[str, Any]:
     """Finalizes the student, writes its artifacts and measures teacher, dense and compressed models.
 
@@ -62,6 +64,8 @@ def deploy_and_report(
         repeats: Timed passes per batch size.
         onnx: Whether to also write ``student.onnx`` when the deployed student is fp32.
         measure_teacher: Whether to export and time the teacher too.
+        test_batches: Score on this many test batches only (``trainer.limit_test_batches``), so
+            every row is scored on the same images as the run's own test metrics.
 
     Returns:
         The report: ``rows`` (one per model), ``ratios`` (dense / compressed), the callbacks'
@@ -82,23 +86,28 @@ def deploy_and_report(
     if onnx and not quantized:
         artifacts["onnx"] = str(export_onnx(deployed, input_shape, output_dir / STUDENT_ONNX))
 
-    test = datamodule.test_dataloader()
+    loader = datamodule.test_dataloader()
+
+    def test() -> Iterable[Any]:
+        return loader if test_batches is None else islice(loader, test_batches)
+
     rows: list[dict[str, Any]] = []
     if teacher is not None and measure_teacher:
         if teacher_test_acc is None:
-            teacher_test_acc = float(evaluate_model(teacher.cpu().eval(), test)["test/acc"])
+            teacher_test_acc = float(evaluate_model(teacher.cpu().eval(), test())["test/acc"])
         rows.append(measure_unsaved("teacher", teacher.cpu().eval(), input_shape, test_acc=teacher_test_acc, **timing))
     if not callbacks:
         rows.append(measure("student", counts=counts, artifact=program, input_shape=input_shape,
                             test_acc=student_test_acc, **timing))
     else:
-        dense, epoch = dense_snapshot(callbacks)
+        dense, epoch, step = dense_snapshot(callbacks)
         if dense is not None:
             dense = dense.cpu().eval()
-            acc = float(evaluate_model(dense, test)["test/acc"])
-            rows.append(measure_unsaved("student_dense", dense, input_shape, test_acc=acc, dense_epoch=epoch, **timing))
+            acc = float(evaluate_model(dense, test())["test/acc"])
+            rows.append(measure_unsaved("student_dense", dense, input_shape, test_acc=acc, dense_epoch=epoch,
+                                        dense_step=step, **timing))
         # the deployed student is scored from its artifact, loaded back: what ships is what is scored
-        deployed_acc = float(evaluate_model(load_artifact(program), test)["test/acc"])
+        deployed_acc = float(evaluate_model(load_artifact(program), test())["test/acc"])
         extra = {"fake_quant_test_acc": student_test_acc} if quantized else {}
         rows.append(measure("student_compressed", counts=counts, artifact=program, input_shape=input_shape,
                             test_acc=deployed_acc, int8=quantized, **extra, **timing))

@@ -154,7 +154,8 @@ def format_report(report: dict[str, Any]) -> str:
             notes.append(f"{r['name']}: test acc of the fake-quantized model it was converted from "
                          f"{100 * r['fake_quant_test_acc']:.2f}")
         if r.get("dense_epoch") is not None:
-            notes.append(f"{r['name']}: the student at the start of epoch {r['dense_epoch']}, before compression")
+            notes.append(f"{r['name']}: the student after {r.get('dense_step')} optimizer steps (epoch {r['dense_epoch']}), "
+                         "just before compression first changed it")
     if report.get("ratios"):
         notes.append("dense / compressed: " + ", ".join(f"{k} x{v:g}" for k, v in report["ratios"].items()))
     return "\n".join(["compression report", *text, *notes])

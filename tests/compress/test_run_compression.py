@@ -81,8 +81,9 @@ def test_qat_gives_a_smaller_int8_artifact_that_kd_eval_scores_like_the_fake_qua
     make_cfg, tmp_path: Path, student: list[str]
 ) -> None:
     cfg = make_cfg(
-        "callbacks=qat", "callbacks.qat.start_epoch=2", "trainer.max_epochs=4", "teacher.recipe.max_epochs=3",
-        "report.teacher=false", *student, fast=False,
+        "callbacks=qat", "callbacks.qat.start_epoch=2", "trainer.max_epochs=4", "trainer.limit_train_batches=8",
+        "teacher.recipe.max_epochs=2", "report.teacher=false", "report.latency.batch_sizes=[1]",
+        "report.latency.repeats=2", *student, fast=False,
     )
     results = run(cfg)
     rows = _rows(results)
@@ -132,10 +133,12 @@ def test_structured_pruning_makes_the_student_smaller(make_cfg) -> None:
         (["callbacks=qat", "callbacks.qat.start_epoch=3"], "callbacks.qat.start_epoch", "max_epochs"),
         (["callbacks=qat", "callbacks.qat.start_epoch=0", "distill=fitnet"], "callbacks.qat", "feature"),
         (["callbacks=prune_channels", "distill=fitnet"], "callbacks.prune", "feature"),
-        (["callbacks=[prune_channels,qat]", "callbacks.qat.start_epoch=0"], "callbacks.qat.start_epoch", "epoch 1"),
+        (["callbacks=[prune_channels,qat]", "callbacks.qat.start_epoch=1"], "callbacks.qat", "cannot run with"),
+        (["callbacks=[early_stopping,prune_agp]"], "callbacks", "early stopping"),
+        (["callbacks=prune_agp", "trainer.devices=2", "+trainer.strategy=ddp_spawn"], "trainer.devices", "one device"),
     ],
     ids=["sparsity_1", "sparsity_negative", "qat_after_the_end", "qat_feature_method", "channels_feature_method",
-         "qat_while_channels_change"],
+         "channels_with_qat", "early_stopping", "two_devices"],
 )
 def test_bad_compression_settings_fail_before_training(
     make_cfg, tmp_path: Path, overrides: list[str], key: str, words: str
