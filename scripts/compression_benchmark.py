@@ -65,7 +65,7 @@ def run_one(overrides: list[str], root: Path, name: str) -> dict:
 
 
 def table(title: str, results: dict[str, dict]) -> str:
-    head = f"{'variant':<20} {'model':<19} {'params':>9} {'non-zero':>9} {'sparsity':>8} {'size':>9} " \
+    head = f"{'variant':<20} {'model':<23} {'params':>9} {'non-zero':>9} {'sparsity':>8} {'size':>9} " \
            f"{'ms@1':>8} {'ms@64':>8} {'test acc':>8}"
     lines = [title, head, "-" * len(head)]
     for variant, res in results.items():
@@ -75,7 +75,7 @@ def table(title: str, results: dict[str, dict]) -> str:
             acc = "-" if row["test_acc"] is None else f"{100 * row['test_acc']:.2f}"
             lat = row["latency_ms"]
             lines.append(
-                f"{variant:<20} {row['name'] + (' int8' if row.get('int8') else ''):<19} {row['params']:>9,} "
+                f"{variant:<20} {row['name'] + (' int8' if row.get('int8') else ''):<23} {row['params']:>9,} "
                 f"{row['nonzero_params']:>9,} {100 * row['sparsity']:>7.1f}% {row['size_bytes'] / 1e3:>7.1f}kB "
                 f"{lat.get('b1', float('nan')):>8.3f} {lat.get('b64', float('nan')):>8.3f} {acc:>8}"
             )

@@ -34,7 +34,7 @@ def n_params(model: nn.Module) -> int:
 
 def prune_at(cb: ChannelPruning, model: nn.Module, epoch: int, optimizers: list | None = None) -> None:
     """Runs the callback's epoch-start hook as Lightning would, on a bare model."""
-    trainer = SimpleNamespace(current_epoch=epoch, optimizers=optimizers or [], callbacks=[])
+    trainer = SimpleNamespace(current_epoch=epoch, global_step=0, optimizers=optimizers or [], callbacks=[])
     module = SimpleNamespace(student=model, student_features=FeatureExtractor(model, [], key="", input_shape=()))
     cb.on_train_epoch_start(trainer, module)  # type: ignore[arg-type]
 
