@@ -46,6 +46,7 @@ import lightning as L
 import torch
 from torch import fx, nn
 
+from kd.compress.artifacts import drop_unused_attributes
 from kd.compress.base import Compression
 from kd.errors import ConfigError, check_int
 from kd.features import FeatureExtractor
@@ -361,7 +362,8 @@ def convert_pt2e_int8(prepared: fx.GraphModule) -> fx.GraphModule:
     _rewrite_modes(model, bn=False, dropout=False, count_batches=True)
     with _only_present_conv_kinds(model):
         model = convert_pt2e(model)
-    _delete_unused_attributes(model)
+    drop_unused_attributes(model)  # the fp32 leftovers of conversion
+    model.delete_all_unused_submodules()
     allow_exported_model_train_eval(model)
     setattr(model, _EXPORTED_TRAINING_ATTR, False)  # already in eval form: torchao's eval() has nothing to do
     model.eval()
@@ -403,20 +405,6 @@ def _only_present_conv_kinds(model: fx.GraphModule) -> Iterator[None]:
     finally:
         for name, original in originals.items():
             setattr(qat_utils, name, original)
-
-
-def _delete_unused_attributes(gm: fx.GraphModule) -> None:
-    """Deletes parameters, buffers and submodules that no node of the graph reads (fp32 leftovers)."""
-    used = {str(n.target) for n in gm.graph.nodes if n.op in ("get_attr", "call_module")}
-    tensors = [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]
-    for name, _ in tensors:
-        if name in used or any(name.startswith(u + ".") for u in used):
-            continue
-        owner, _, attr = name.rpartition(".")
-        module = gm.get_submodule(owner) if owner else gm
-        if hasattr(module, attr):
-            delattr(module, attr)
-    gm.delete_all_unused_submodules()
 
 
 def lower_for_x86(model: nn.Module, input_shape: tuple[int, ...]) -> nn.Module:
