@@ -18,6 +18,7 @@ import logging
 import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from operator import attrgetter
 from pathlib import Path
 
 import torch
@@ -107,9 +108,17 @@ def export_program(model: nn.Module, input_shape: tuple[int, ...], path: Path) -
 
 
 def quantized_part(model: nn.Module) -> str | None:
-    """Names a part of ``model`` that is quantized (or fake-quantized), or None for a float model."""
+    """Names a part of ``model`` that is quantized (or fake-quantized), or None for a float model.
+
+    Looks at parameters, buffers, the constants a graph module reads (``get_attr``: where PT2E's
+    int8 conversion keeps its weights), torchao's quantized tensor subclasses and fake-quant modules.
+    """
     tensors = [*model.named_parameters(), *model.named_buffers()]
+    if isinstance(model, fx.GraphModule):
+        tensors += [(str(n.target), attrgetter(str(n.target))(model)) for n in model.graph.nodes if n.op == "get_attr"]
     for name, t in tensors:
+        if not isinstance(t, torch.Tensor):  # a submodule read by get_attr
+            continue
         if type(t) not in (torch.Tensor, nn.Parameter):  # torchao's int8 weights are tensor subclasses
             return f"{name} is a {type(t).__name__}"
         if t.dtype in _QUANTIZED_DTYPES:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from itertools import islice
-from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from kd.compress.artifacts import export_onnx, export_program, load_artifact
+from kd.compress.artifacts import export_onnx, export_program, load_artifact, quantized_part
 from kd.compress.base import Compression, dense_snapshot
 from kd.compress.report import count_weights, measure, measure_unsaved, ratios
 
@@ -81,7 +80,7 @@ def deploy_and_report(
         deployed = cb.finalize(deployed, input_shape)
     deployed = deployed.cpu()
     program = export_program(deployed, input_shape, output_dir / STUDENT_PROGRAM)
-    quantized = _is_quantized(deployed)
+    quantized = quantized_part(deployed) is not None
     artifacts = {"program": str(program)}
     if onnx and not quantized:
         artifacts["onnx"] = str(export_onnx(deployed, input_shape, output_dir / STUDENT_ONNX))
@@ -119,17 +118,3 @@ def deploy_and_report(
         "threads": torch.get_num_threads(),
         **timing,
     }
-
-
-def _is_quantized(model: nn.Module) -> bool:
-    """Whether a model holds integer weights (an int8 PT2E graph or torchao quantized tensors)."""
-    tensors = [*model.state_dict().values()]
-    if isinstance(model, torch.fx.GraphModule):
-        tensors += [attrgetter(str(n.target))(model) for n in model.graph.nodes if n.op == "get_attr"]
-    for t in tensors:
-        if not isinstance(t, torch.Tensor):
-            continue
-        inner = getattr(t, "qdata", None)  # torchao tensor subclasses keep the integers inside
-        if t.dtype in (torch.int8, torch.uint8) or (isinstance(inner, torch.Tensor) and inner.dtype == torch.int8):
-            return True
-    return False

@@ -6,7 +6,7 @@ For each model: parameters, non-zero parameters, sparsity, the size on disk of i
 warm-up, in the process's current thread count), and test accuracy. Latency is timed on the
 program loaded back from disk, so what is timed is what ships; int8 programs run eagerly here
 (dequantize, then fp32 kernels), which is slower than after lowering to x86 int8 kernels with
-``torch.compile`` (``kd.compress.qat.lower_for_x86``, measured by the benchmark script).
+``torch.compile`` (``kd.compress.pt2e.lower_for_x86``, measured by the benchmark script).
 """
 
 from __future__ import annotations
@@ -22,19 +22,13 @@ import torch
 from torch import Tensor, nn
 
 from kd.compress.artifacts import export_program, file_size, load_artifact
+from kd.models.build import count_parameters
 
 
 def count_weights(model: nn.Module) -> tuple[int, int]:
     """``(parameters, non-zero parameters)`` of a model, each shared tensor counted once."""
-    seen: set[int] = set()
-    total = nonzero = 0
-    for p in model.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        total += p.numel()
-        nonzero += int(torch.count_nonzero(p.detach()))
-    return total, nonzero
+    nonzero = sum(int(torch.count_nonzero(p.detach())) for p in model.parameters())  # parameters() dedupes
+    return count_parameters(model), nonzero
 
 
 @torch.no_grad()

@@ -17,11 +17,19 @@ reaches ``final`` exactly at ``end_step`` (``start_step`` for one-shot pruning).
 from __future__ import annotations
 
 
-def _check(initial: float, final: float, start_step: int, end_step: int) -> None:
+def _check(initial: float, final: float, start_step: int, end_step: int, **counts: int) -> None:
+    """Checks a schedule's arguments; ``counts`` (``frequency=``, ``rounds=``) must be >= 1."""
+    for name, value in counts.items():
+        _check_count(name, value)
     if not 0.0 <= initial <= final < 1.0:
         raise ValueError(f"need 0 <= initial <= final < 1, got initial={initial}, final={final}")
     if end_step <= start_step or start_step < 0:
         raise ValueError(f"need 0 <= start_step < end_step, got {start_step}, {end_step}")
+
+
+def _check_count(name: str, value: int) -> None:
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
 
 
 def agp_event_steps(start_step: int, end_step: int, frequency: int) -> list[int]:
@@ -36,8 +44,7 @@ def agp_event_steps(start_step: int, end_step: int, frequency: int) -> list[int]
     Returns:
         The increasing event steps, ``start_step`` first and ``end_step`` last.
     """
-    if frequency < 1:
-        raise ValueError(f"frequency must be >= 1, got {frequency}")
+    _check_count("frequency", frequency)
     return [*range(start_step, end_step, frequency), end_step]
 
 
@@ -66,9 +73,7 @@ def agp_sparsity(step: int, initial: float, final: float, start_step: int, end_s
         ValueError: On sparsities outside ``0 <= initial <= final < 1``, ``end_step <= start_step``
             or ``frequency < 1``.
     """
-    _check(initial, final, start_step, end_step)
-    if frequency < 1:
-        raise ValueError(f"frequency must be >= 1, got {frequency}")
+    _check(initial, final, start_step, end_step, frequency=frequency)
     if step < start_step:
         return initial
     if step >= end_step:
@@ -84,8 +89,7 @@ def iterative_event_steps(start_step: int, end_step: int, rounds: int) -> list[i
     Round ``k`` (1-based) is at ``start_step + floor(k (end_step - start_step) / rounds)``: the
     network trains for a period before each round, as in train-prune-retrain.
     """
-    if rounds < 1:
-        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    _check_count("rounds", rounds)
     span = end_step - start_step
     return [start_step + k * span // rounds for k in range(1, rounds + 1)]
 
@@ -114,9 +118,7 @@ def iterative_sparsity(step: int, initial: float, final: float, start_step: int,
         ValueError: On sparsities outside ``0 <= initial <= final < 1``, ``end_step <= start_step``
             or ``rounds < 1``.
     """
-    _check(initial, final, start_step, end_step)
-    if rounds < 1:
-        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    _check(initial, final, start_step, end_step, rounds=rounds)
     if step >= end_step:
         return final
     # rounds done: the largest k with floor(k * span / rounds) <= step - start_step
