@@ -16,13 +16,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from torch import Tensor, fx, nn
 
-from kd.compress.qat import (
-    QuantizationAwareTraining,
-    count_fake_quantized,
-    prepare_linear,
-    prepare_pt2e,
-    set_graph_mode,
-)
+from kd.compress.pt2e import prepare_pt2e, set_graph_mode
+from kd.compress.qat import QuantizationAwareTraining, count_fake_quantized, prepare_linear
 from kd.data import DigitsDataModule
 from kd.errors import ConfigError, instantiate_checked
 from kd.losses.kd import KDLoss
