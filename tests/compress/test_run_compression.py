@@ -9,10 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import open_dict
 
 from kd.compress.artifacts import load_artifact
 from kd.errors import ConfigError
 from kd.run import run
+from tests.conftest import compose_cfg
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -21,14 +23,19 @@ def _rows(results: dict) -> dict[str, dict]:
     return {r["name"]: r for r in results["report"]["rows"]}
 
 
-def _kd_eval(artifact: Path, *overrides: str) -> dict:
-    """kd-eval in a fresh process: the artifact must load with nothing of this process."""
+def _kd_eval(*artifacts: Path) -> list[dict]:
+    """kd-eval on each artifact, in one fresh process: the artifacts must load with nothing of this one.
+
+    One interpreter for all of them, since starting one (torch, Lightning) takes ~20 s here.
+    """
+    code = "import sys; from kd.evaluate import main; [main([a, 'data=digits']) for a in sys.argv[1:]]"
     out = subprocess.run(
-        [sys.executable, "-m", "kd.evaluate", str(artifact), *overrides],
-        capture_output=True, text=True, cwd=REPO, timeout=300,
+        [sys.executable, "-c", code, *map(str, artifacts)], capture_output=True, text=True, cwd=REPO, timeout=300,
     )
     assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    results = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert [r["artifact"] for r in results] == list(map(str, artifacts))
+    return results
 
 
 def test_a_plain_run_reports_teacher_and_student_and_exports_the_student(make_cfg, tmp_path: Path) -> None:
@@ -69,23 +76,35 @@ def test_prune_agp_reaches_the_target_sparsity_and_the_artifact_keeps_the_zeros(
     assert abs(zeros - 0.8) <= 0.01
 
 
-@pytest.mark.parametrize(
-    "student",
-    [
-        ["model/student=digits_cnn_tiny", "model.student.channels=[32,64]"],  # conv: the PT2E flow
-        ["model/student=hinton_mlp_800"],  # linear: torchao's QATConfig
-    ],
-    ids=["conv", "mlp"],
-)
+QAT_STUDENTS = {
+    "conv": ["model/student=digits_cnn_tiny", "model.student.channels=[32,64]"],  # the PT2E flow
+    "mlp": ["model/student=hinton_mlp_800"],  # linear: torchao's QATConfig
+}
+
+
+@pytest.fixture(scope="module")
+def qat_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[dict, dict]]:
+    """Per flow: the results of a run with QAT from epoch 2 of 4, and kd-eval of its student.pt2."""
+    tmp = tmp_path_factory.mktemp("qat")  # one teacher store: the second run reuses the first's teacher
+    results, artifacts = {}, []
+    for flow, student in QAT_STUDENTS.items():
+        cfg = compose_cfg([
+            "callbacks=qat", "callbacks.qat.start_epoch=2", "trainer.max_epochs=4", "trainer.limit_train_batches=8",
+            "teacher.recipe.max_epochs=2", "report.teacher=false", "report.latency.batch_sizes=[1]",
+            "report.latency.repeats=2", *student,
+        ], tmp)
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(tmp / flow)
+        results[flow] = run(cfg)
+        artifacts.append(tmp / flow / "student.pt2")
+    return dict(zip(QAT_STUDENTS, zip(results.values(), _kd_eval(*artifacts))))
+
+
+@pytest.mark.parametrize("flow", list(QAT_STUDENTS))
 def test_qat_gives_a_smaller_int8_artifact_that_kd_eval_scores_like_the_fake_quantized_model(
-    make_cfg, tmp_path: Path, student: list[str]
+    qat_runs: dict[str, tuple[dict, dict]], flow: str
 ) -> None:
-    cfg = make_cfg(
-        "callbacks=qat", "callbacks.qat.start_epoch=2", "trainer.max_epochs=4", "trainer.limit_train_batches=8",
-        "teacher.recipe.max_epochs=2", "report.teacher=false", "report.latency.batch_sizes=[1]",
-        "report.latency.repeats=2", *student, fast=False,
-    )
-    results = run(cfg)
+    results, evaluated = qat_runs[flow]
     rows = _rows(results)
     compressed, dense = rows["student_compressed"], rows["student_dense"]
     assert compressed["int8"] is True and dense["dense_epoch"] == 2
@@ -95,7 +114,6 @@ def test_qat_gives_a_smaller_int8_artifact_that_kd_eval_scores_like_the_fake_qua
     fake_quant = results["student"]["metrics"]["test/acc"]
     assert compressed["fake_quant_test_acc"] == fake_quant
     assert fake_quant > 0.5  # it learned something, so agreement is not luck
-    evaluated = _kd_eval(tmp_path / "run" / "student.pt2", "data=digits")
     assert evaluated["test/acc"] == pytest.approx(compressed["test_acc"])
     assert abs(evaluated["test/acc"] - fake_quant) <= 0.01
 
