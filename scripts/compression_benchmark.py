@@ -8,6 +8,11 @@ format (random pixels, so its accuracies mean nothing; sizes and latencies do). 
 Usage:
     .venv/bin/python scripts/compression_benchmark.py                 # both workloads
     .venv/bin/python scripts/compression_benchmark.py --workload digits --epochs 30
+    .venv/bin/python scripts/compression_benchmark.py --lower     # + latency after x86 lowering
+
+``--lower`` also compiles the dense and the int8 programs with ``kd.compress.pt2e.lower_for_x86``
+(inductor with freezing: x86 int8 kernels for int8 programs, fused fp32 kernels for the dense
+one) and times them the same way, which is where int8 gets its speed on a CPU.
 """
 
 from __future__ import annotations
@@ -85,10 +90,44 @@ def table(title: str, results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def lowered(title: str, results: dict[str, dict]) -> str:
+    """Latency of the dense and int8 programs eager and after ``lower_for_x86``, loaded from their files."""
+    import torch
+
+    from kd.compress.artifacts import input_shape_of, load_artifact
+    from kd.compress.pt2e import lower_for_x86
+    from kd.compress.report import latency_ms
+
+    head = f"{'variant':<20} {'program':<9} {'compile s':>9} {'max |diff|':>10} " + " ".join(
+        f"{f'ms@{b} eager':>12} {f'ms@{b} lowered':>14}" for b in (1, 64)
+    )
+    lines = [f"{title}: x86 lowering", head, "-" * len(head)]
+    for variant, res in results.items():
+        report = res["report"]
+        int8 = any(row.get("int8") for row in report["rows"])
+        if variant != "dense" and not int8:
+            continue
+        model = load_artifact(Path(report["artifacts"]["program"]))
+        shape = input_shape_of(model)
+        eager = {b: latency_ms(model, shape, b, warmup=3, repeats=20) for b in (1, 64)}  # before any compiling
+        start = time.time()
+        fast = lower_for_x86(model, shape)  # compiles for batch 1; batch 64 compiles in its warm-up
+        compile_s = time.time() - start
+        x = torch.randn(8, *shape, generator=torch.Generator().manual_seed(0))  # (8, C, H, W)
+        with torch.no_grad():
+            diff = float((fast(x) - model(x)).abs().max())
+        times = " ".join(
+            f"{eager[b]:>12.3f} {latency_ms(fast, shape, b, warmup=3, repeats=20):>14.3f}" for b in (1, 64)
+        )
+        lines.append(f"{variant:<20} {'int8' if int8 else 'fp32':<9} {compile_s:>9.1f} {diff:>10.2e} {times}")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workload", choices=["digits", "cifar", "all"], default="all")
     parser.add_argument("--epochs", type=int, default=None, help="epochs per run (digits 30, cifar 5)")
+    parser.add_argument("--lower", action="store_true", help="also time the programs after x86 lowering")
     parser.add_argument("--json", type=Path, default=None, help="also write all reports to this file")
     args = parser.parse_args()
 
@@ -121,6 +160,9 @@ def main() -> None:
             out[title] = {k: v["report"] for k, v in results.items()}
             print(table(title, results), flush=True)
             print(flush=True)
+            if args.lower:
+                print(lowered(title, results), flush=True)
+                print(flush=True)
     print(f"machine: {torch.get_num_threads()} CPU threads; latency = median of 20 timed runs after 3 warm-up, "
           "eager torch.export programs (int8 not lowered)")
     if args.json:
