@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 RESULTS_FILE = "results.json"
+FAILURE_FILE = "failure.json"  # a run that raised: what failed, so a sweep's table can list it
 STUDENT_WEIGHTS = "student.pt"  # the selected student's state_dict, for deployment
 
 
@@ -44,6 +45,44 @@ def save_atomic(obj: Any, path: Path) -> None:
     import torch
 
     _write_atomic(path, lambda f: torch.save(obj, f))
+
+
+def write_failure(run_dir: Path, error: BaseException, *, overrides: list[str]) -> Path | None:
+    """Records a failed run as ``failure.json`` in ``run_dir``; never over a finished run's results.
+
+    Args:
+        run_dir: The run's directory (``paths.output_dir``).
+        error: What the run raised.
+        overrides: The run's command-line overrides.
+
+    Returns:
+        The file written, or None when ``run_dir`` holds a ``results.json`` (the error then is
+        about that directory, which belongs to another run) or cannot be written.
+    """
+    import traceback
+    from datetime import datetime, timezone
+
+    import kd
+
+    run_dir = Path(run_dir)
+    if (run_dir / RESULTS_FILE).exists():
+        return None
+    lines = str(error).strip().splitlines()
+    record = {
+        "status": "failed",
+        "error": f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": "),
+        "overrides": list(overrides),
+        "run_dir": str(run_dir),
+        "failed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "kd_version": kd.__version__,
+        "git": git_info(),
+        "traceback": "".join(traceback.format_exception(type(error), error, error.__traceback__)),
+    }
+    try:
+        write_json_atomic(run_dir / FAILURE_FILE, record)
+    except OSError:
+        return None
+    return run_dir / FAILURE_FILE
 
 
 def git_info() -> dict[str, Any]:

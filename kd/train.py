@@ -16,7 +16,8 @@ import hydra
 from omegaconf import DictConfig
 
 from kd.errors import ConfigError
-from kd.run import run
+from kd.results import write_failure
+from kd.run import check_launch, run, task_overrides
 
 
 def config_dir() -> str:
@@ -28,14 +29,38 @@ def config_dir() -> str:
     raise FileNotFoundError(f"kd's conf/ directory is missing next to {here}")
 
 
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    """Runs ``run(cfg)``; a ConfigError becomes one line on stderr and exit status 2."""
+    """Runs ``run(cfg)``; returns the selected student's ``val/acc``, the objective of a search sweeper.
+
+    A run that raises leaves ``failure.json`` in its directory. A single run's ConfigError is
+    one line on stderr and exit status 2. In a multirun the error is one line too, then raised
+    for Hydra: the sweep goes on with the next job (Hydra exits non-zero at the end; Optuna
+    counts the trial as failed), and ``kd-table`` lists the failed job.
+    """
     try:
-        results = run(cfg)
+        check_launch(cfg)  # about the whole sweep, not this job: stop it at once
     except ConfigError as e:
         print(f"kd-train: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    try:
+        results = run(cfg)
+    except Exception as e:
+        write_failure(Path(cfg.paths.output_dir), e, overrides=task_overrides())
+        multirun = _in_multirun()
+        if isinstance(e, ConfigError):
+            where = f" ({cfg.paths.output_dir})" if multirun else ""
+            print(f"kd-train: error{where}: {e}", file=sys.stderr, flush=True)
+            if not multirun:
+                sys.exit(2)
+        raise
     return results["student"]["metrics"].get("val/acc")
 
 
