@@ -16,7 +16,7 @@ import hydra
 from omegaconf import DictConfig
 
 from kd.errors import ConfigError
-from kd.results import write_failure
+from kd.results import FAILURE_FILE, write_failure
 from kd.run import check_launch, run, task_overrides
 
 
@@ -61,6 +61,7 @@ def main(cfg: DictConfig) -> float | None:
             if not multirun:
                 sys.exit(2)
         raise
+    (Path(cfg.paths.output_dir) / FAILURE_FILE).unlink(missing_ok=True)  # of an earlier attempt in this directory
     return results["student"]["metrics"].get("val/acc")
 
 

@@ -70,3 +70,11 @@ def test_a_single_run_with_bad_input_records_the_failure_and_exits_2(cli, capsys
     assert cli("debug=fdr", "distill.temperature=-1", f"hydra.run.dir={run_dir}") == 2
     assert capsys.readouterr().err.strip() == "kd-train: error: distill.temperature: must be > 0 and finite, got -1"
     assert json.loads((run_dir / "failure.json").read_text())["overrides"][1] == "distill.temperature=-1"
+
+
+def test_a_successful_rerun_in_the_same_directory_removes_the_old_failure(cli, tmp_path: Path) -> None:
+    run_dir = tmp_path / "r"
+    assert cli("debug=fdr", "distill.temperature=-1", f"hydra.run.dir={run_dir}") == 2
+    assert (run_dir / "failure.json").is_file()
+    assert cli("debug=fdr", f"hydra.run.dir={run_dir}") == 0
+    assert (run_dir / "results.json").is_file() and not (run_dir / "failure.json").exists()
