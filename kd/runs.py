@@ -1,0 +1,244 @@
+"""The runs a ``kd-table`` is made of: found in Hydra job directories or read from W&B.
+
+A job directory is one holding ``.hydra/overrides.yaml`` (Hydra writes it in every job) or
+``results.json``. Its status: ``results.json`` with ``"status": "completed"`` -> completed;
+``failure.json`` (written by ``kd-train`` when the job raised) -> failed; neither -> incomplete
+(killed, or still running). A W&B run holds the whole ``results.json`` in its summary under
+``results`` (see ``kd.loggers.finish_loggers``); one without it is failed or incomplete by state.
+
+A key names what a table's rows and columns are made of. It is resolved per run, in order: an
+override of the run's command line (``distill``, ``model/student``, ``distill.temperature``, as
+written), a dotted path into the resolved config, a top-level field of ``results.json``.
+Aliases: ``method`` (``distill``), ``student`` (``model/student``), ``teacher``
+(``model/teacher``), ``temperature`` (``distill.temperature``), ``data``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kd.results import FAILURE_FILE, RESULTS_FILE
+
+ALIASES = {
+    "method": "distill",
+    "student": "model/student",
+    "teacher": "model/teacher",
+    "temperature": "distill.temperature",
+    "data": "data",
+}
+BASELINE_METHOD = "none"  # conf/distill/none.yaml: cross-entropy alone
+_METHOD_KEYS = ("method", "distill")
+
+
+class TableError(Exception):
+    """Bad input to ``kd-table``: a missing directory, no runs, an unknown key (one line)."""
+
+
+@dataclass
+class Run:
+    """One job, whatever its status.
+
+    Attributes:
+        where: The job directory, or the W&B run's path.
+        status: ``"completed"``, ``"failed"`` or ``"incomplete"``.
+        overrides: The job's command-line overrides (``key=value``).
+        results: The content of ``results.json`` (completed runs only).
+        error: Why the run is not completed, when known.
+    """
+
+    where: str
+    status: str
+    overrides: list[str] = field(default_factory=list)
+    results: dict[str, Any] | None = None
+    error: str | None = None
+
+    @property
+    def override_dict(self) -> dict[str, str]:
+        """The overrides as ``{key: value}``, ``+``/``++`` prefixes dropped."""
+        out = {}
+        for item in self.overrides:
+            key, sep, value = str(item).partition("=")
+            if sep:
+                out[key.lstrip("+~")] = value
+        return out
+
+
+def _last_name(target: Any) -> str | None:
+    return str(target).rsplit(".", 1)[-1] if target else None
+
+
+def _dig(tree: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return None
+        tree = tree[part]
+    return tree
+
+
+def _scalar(value: Any) -> str | None:
+    if value is None or isinstance(value, (dict, list)):
+        return None
+    return str(value)
+
+
+def _fallback(results: dict[str, Any], canonical: str) -> str | None:
+    """What an alias means when the run has no such override."""
+    config = results.get("config") or {}
+    if canonical == "distill":
+        method = results.get("method")
+        return BASELINE_METHOD if method == "CrossEntropy" else _scalar(method)
+    if canonical in ("model/student", "model/teacher"):
+        return _last_name(_dig(config, canonical.replace("/", ".") + "._target_"))
+    if canonical == "data":
+        return _scalar((results.get("data") or {}).get("name"))
+    return None
+
+
+def key_value(run: Run, key: str) -> str | None:
+    """The value of ``key`` for ``run`` as a string, or None when the run has no such key."""
+    canonical = ALIASES.get(key, key)
+    overrides = run.override_dict
+    if canonical in overrides:
+        return overrides[canonical]
+    results = run.results or {}
+    value = _fallback(results, canonical)
+    if value is None:
+        value = _scalar(_dig(results.get("config") or {}, canonical.replace("/", ".")))
+    if value is None and key in results:
+        value = _scalar(results[key])
+    return value
+
+
+def is_method_key(key: str) -> bool:
+    return key in _METHOD_KEYS
+
+
+def metric_value(run: Run, metric: str, *, final: bool = False) -> float | None:
+    """The student's ``metric``: of the best-validation checkpoint, or of the final epoch."""
+    student = (run.results or {}).get("student") or {}
+    value = (student.get("final_metrics" if final else "metrics") or {}).get(metric)
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def _natural(path: Path) -> list[Any]:
+    """Sorts job 10 after job 9."""
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", str(path))]
+
+
+def _read_overrides(job: Path) -> list[str]:
+    path = job / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return []
+    from omegaconf import OmegaConf
+
+    try:
+        return [str(o) for o in OmegaConf.load(path) or []]
+    except Exception:  # noqa: BLE001 - a broken overrides file only loses the labels
+        return []
+
+
+def read_job(job: Path) -> Run:
+    """The run of one job directory (see the module docstring for its status)."""
+    overrides = _read_overrides(job)
+    results_path, failure_path = job / RESULTS_FILE, job / FAILURE_FILE
+    if results_path.is_file():
+        try:
+            results = json.loads(results_path.read_text())
+            if not isinstance(results, dict):
+                raise ValueError(f"holds a {type(results).__name__}, not an object")
+        except (OSError, ValueError) as e:
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            return Run(str(job), "failed", overrides, error=f"unreadable {RESULTS_FILE}: {reason}")
+        if results.get("status") == "completed":
+            return Run(str(job), "completed", list(results.get("overrides") or overrides), results)
+        return Run(str(job), "failed", overrides, error=f"{RESULTS_FILE} has status {results.get('status')!r}")
+    if failure_path.is_file():
+        try:
+            failure = json.loads(failure_path.read_text())
+        except (OSError, ValueError):
+            return Run(str(job), "failed", overrides, error=f"unreadable {FAILURE_FILE}")
+        return Run(str(job), "failed", list(failure.get("overrides") or overrides), error=failure.get("error"))
+    return Run(str(job), "incomplete", overrides, error="no results.json nor failure.json (killed or still running)")
+
+
+def _is_job(path: Path) -> bool:
+    return (path / ".hydra" / "overrides.yaml").is_file() or (path / RESULTS_FILE).is_file()
+
+
+def _jobs_under(root: Path) -> Iterable[Path]:
+    """Job directories at or under ``root``; a job's own subdirectories (its teachers) are not searched."""
+    if _is_job(root):
+        yield root
+        return
+    for child in sorted((p for p in root.iterdir() if p.is_dir() and not p.is_symlink() and not p.name.startswith(".")), key=_natural):
+        yield from _jobs_under(child)
+
+
+def find_runs(paths: Iterable[str | Path]) -> list[Run]:
+    """Every job under ``paths`` (sweep directories, single runs, or parents of either).
+
+    Raises:
+        TableError: For a path that is not a directory, or when no job is found.
+    """
+    runs: list[Run] = []
+    seen: set[Path] = set()
+    for path in map(Path, paths):
+        if not path.is_dir():
+            raise TableError(f"not a directory: {path}")
+        found = [job for job in _jobs_under(path) if job.resolve() not in seen]
+        if not found:
+            raise TableError(f"no job directory under {path} (a job holds .hydra/overrides.yaml or {RESULTS_FILE})")
+        seen.update(job.resolve() for job in found)
+        runs.extend(read_job(job) for job in found)
+    return runs
+
+
+def _plain(value: Any) -> Any:
+    """W&B's summary objects (nested mappings) as plain dicts and lists."""
+    if hasattr(value, "items"):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def wandb_run(wrun: Any, path: str) -> Run:
+    """One W&B run as a :class:`Run`: its ``results`` summary entry, else failed/incomplete by state."""
+    where = f"wandb:{path}/{getattr(wrun, 'id', '?')}"
+    summary = getattr(wrun, "summary", None) or {}
+    results = _plain(summary.get("results")) if hasattr(summary, "get") else None
+    state = str(getattr(wrun, "state", "unknown"))
+    if isinstance(results, dict) and results.get("status") == "completed":
+        return Run(where, "completed", list(results.get("overrides") or []), results)
+    overrides = list(results.get("overrides") or []) if isinstance(results, dict) else []
+    name = getattr(wrun, "name", None)
+    if state in ("failed", "crashed"):
+        return Run(where, "failed", overrides, error=f"W&B state {state}" + (f" ({name})" if name else ""))
+    if state == "finished":
+        return Run(where, "failed", overrides, error="W&B run finished without results in its summary")
+    return Run(where, "incomplete", overrides, error=f"W&B state {state}")
+
+
+def wandb_runs(path: str) -> list[Run]:
+    """The runs of the W&B project ``path`` (``entity/project``), through ``wandb.Api()``.
+
+    Raises:
+        TableError: When the project cannot be read or has no runs.
+    """
+    import wandb
+
+    if path.count("/") != 1:
+        raise TableError(f"--wandb wants ENTITY/PROJECT, got {path!r}")
+    try:
+        runs = [wandb_run(r, path) for r in wandb.Api().runs(path)]
+    except Exception as e:  # noqa: BLE001 - network, auth, unknown project: one line for the user
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise TableError(f"cannot read W&B runs of {path}: {type(e).__name__}: {first}") from e
+    if not runs:
+        raise TableError(f"no runs in W&B project {path}")
+    return runs

@@ -1,0 +1,340 @@
+"""``kd-table``: a paper-style table of a sweep's runs, mean ± std over seeds.
+
+Reads Hydra job directories (a multirun directory, several, or a parent searched recursively)
+or a W&B project (``kd.runs``), groups the completed runs by the values of the row and column
+keys, and shows each cell's mean ± sample std (ddof=1) of the student's metric and the number
+of runs n. The metric is the selected best-validation checkpoint's (``--final``: the final
+epoch's), never the best epoch on the test set. Failed and incomplete runs are listed below the
+table, never dropped silently. With the method on an axis and a ``none`` method (cross-entropy
+alone) among its values, each cell also shows the difference of its mean to that baseline.
+
+Examples:
+    kd-table outputs/multiruns/2025-01-01/12-00-00                     # rows student, cols method
+    kd-table SWEEP --rows temperature --cols method --format md,tex,csv --out paper/
+    kd-table SWEEP --cols method --rows student,seed --final
+    kd-table SWEEP --out plots/ --plot temperature --plot heatmap
+    kd-table --wandb my-team/kd --rows student --cols method
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kd.runs import ALIASES, BASELINE_METHOD, Run, TableError, find_runs, is_method_key, key_value, metric_value, wandb_runs
+
+Label = tuple[str, ...]
+MISSING = "-"
+FORMATS = {"md": "table.md", "tex": "table.tex", "csv": "table.csv"}
+PLOTS = ("temperature", "heatmap")
+
+
+@dataclass
+class Cell:
+    """The runs of one cell: their metric values (in display units) and the difference to the baseline."""
+
+    values: list[float] = field(default_factory=list)
+    diff: float | None = None
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+    @property
+    def mean(self) -> float:
+        return statistics.mean(self.values)
+
+    @property
+    def std(self) -> float | None:
+        return statistics.stdev(self.values) if self.n > 1 else None
+
+
+@dataclass
+class Table:
+    """A table of cells by (row label, column label), each label a tuple of key values."""
+
+    row_keys: list[str]
+    col_keys: list[str]
+    metric: str
+    final: bool
+    percent: bool
+    rows: list[Label]
+    cols: list[Label]
+    cells: dict[tuple[Label, Label], Cell]
+    teacher: dict[Label, Cell]
+    skipped: list[tuple[Run, str]]
+    baseline: str | None = None
+
+
+def scale_of(metric: str) -> float:
+    """Accuracies are shown in percent, anything else as stored."""
+    return 100.0 if "acc" in metric.rsplit("/", 1)[-1] else 1.0
+
+
+def check_keys(runs: list[Run], keys: list[str]) -> None:
+    """Raises TableError for a key that no completed run has, listing the keys they have."""
+    done = [r for r in runs if r.status == "completed"]
+    for key in keys:
+        if done and all(key_value(r, key) is None for r in done):
+            available = sorted({k for r in runs for k in r.override_dict})
+            raise TableError(f"unknown key {key!r}: no run has it; override keys: {', '.join(available) or 'none'} "
+                             f"(aliases: {', '.join(ALIASES)}; or a dotted config path)")
+
+
+def _order(labels: list[Label]) -> list[Label]:
+    """Numbers in numeric order, anything else in order of appearance, position by position."""
+    unique = list(dict.fromkeys(labels))
+    if not unique:
+        return []
+
+    def numeric(i: int) -> bool:
+        try:
+            [float(label[i]) for label in unique]
+            return True
+        except ValueError:
+            return False
+
+    numeric_at = [numeric(i) for i in range(len(unique[0]))]
+    appearance = [list(dict.fromkeys(label[i] for label in unique)) for i in range(len(unique[0]))]
+    return sorted(unique, key=lambda lb: [float(v) if numeric_at[i] else appearance[i].index(v) for i, v in enumerate(lb)])
+
+
+def _baseline_of(cell_label: Label, labels: list[Label], at: int, baseline: str) -> Label | None:
+    """The label on the same axis whose method is the baseline, matching the other keys if it can."""
+    candidates = [lb for lb in labels if lb[at] == baseline]
+    same = [lb for lb in candidates if all(v == cell_label[i] for i, v in enumerate(lb) if i != at)]
+    return (same or candidates)[0] if len(same) == 1 or len(candidates) == 1 else None
+
+
+def build_table(runs: list[Run], rows: list[str], cols: list[str], *, metric: str = "test/acc", final: bool = False,
+                baseline: str | None = None, teacher: bool = True) -> Table:
+    """Groups the completed runs into cells; lists the others with the reason.
+
+    Args:
+        runs: All runs, whatever their status.
+        rows: Keys whose values make the row labels.
+        cols: Keys whose values make the column labels.
+        metric: The student's metric (``test/acc``).
+        final: Use the final epoch's metrics instead of the selected checkpoint's.
+        baseline: The method value of the baseline (None: ``none`` when present; ``""``: no baseline).
+        teacher: Add a teacher row (its test metric per column, one value per distinct teacher).
+
+    Returns:
+        The table.
+
+    Raises:
+        TableError: For a key no run has, or a baseline the method axis does not hold.
+    """
+    check_keys(runs, [*rows, *cols])
+    scale = scale_of(metric)
+    cells: dict[tuple[Label, Label], Cell] = {}
+    teachers: dict[Label, dict[str, float]] = {}
+    skipped = [(r, r.error or r.status) for r in runs if r.status != "completed"]
+    for run in (r for r in runs if r.status == "completed"):
+        value = metric_value(run, metric, final=final)
+        if value is None:
+            skipped.append((run, f"no {metric} in the student's {'final_metrics' if final else 'metrics'}"))
+            continue
+        row = tuple(key_value(run, k) or MISSING for k in rows)
+        col = tuple(key_value(run, k) or MISSING for k in cols)
+        cells.setdefault((row, col), Cell()).values.append(scale * value)
+        t = (run.results or {}).get("teacher") or {}
+        t_value = (t.get("metrics") or {}).get(metric)
+        if isinstance(t_value, (int, float)):  # one value per distinct teacher: a stored teacher counts once
+            teachers.setdefault(col, {})[str(t.get("path") or t.get("key") or run.where)] = scale * t_value
+    row_labels = _order([r for r, _ in cells])
+    col_labels = _order([c for _, c in cells])
+    table = Table(rows, cols, metric, final, scale == 100.0, row_labels, col_labels, cells,
+                  {c: Cell(list(v.values())) for c, v in teachers.items()} if teacher else {}, skipped)
+    _add_baseline(table, baseline)
+    return table
+
+
+def _add_baseline(table: Table, baseline: str | None) -> None:
+    """Sets each cell's difference to the baseline method's cell in the same row (or column)."""
+    if baseline == "":
+        return
+    axis = next(((name, i) for name, keys in (("cols", table.col_keys), ("rows", table.row_keys))
+                 for i, k in enumerate(keys) if is_method_key(k)), None)
+    if axis is None:
+        if baseline is not None:
+            raise TableError(f"--baseline {baseline}: no row or column key is the method (--cols method)")
+        return
+    name, at = axis
+    labels = table.cols if name == "cols" else table.rows
+    present = {lb[at] for lb in labels}
+    if baseline is None:
+        baseline = BASELINE_METHOD if BASELINE_METHOD in present else None
+        if baseline is None:
+            return
+    elif baseline not in present:
+        raise TableError(f"--baseline {baseline}: no such method in the table (methods: {', '.join(sorted(present))})")
+    table.baseline = baseline
+    for (row, col), cell in table.cells.items():
+        mine = col if name == "cols" else row
+        base = _baseline_of(mine, labels, at, baseline)
+        if base is None or base == mine:
+            continue
+        other = table.cells.get((row, base) if name == "cols" else (base, col))
+        if other is not None:
+            cell.diff = cell.mean - other.mean
+
+
+def _number(cell: Cell, pm: str) -> str:
+    text = f"{cell.mean:.2f}" + (f"{pm}{cell.std:.2f}" if cell.std is not None else "")
+    return text + (f" ({cell.diff:+.2f})" if cell.diff is not None else "")
+
+
+def _title(table: Table) -> str:
+    unit = " (%)" if table.percent else ""
+    which = "final epoch" if table.final else "best-validation checkpoint"
+    note = f"; (±x.xx): difference to {table.baseline}" if table.baseline else ""
+    return f"{table.metric}{unit} of the {which}, mean ± std over runs (n runs per cell){note}"
+
+
+def _unlisted(table: Table) -> list[str]:
+    return [f"{run.status}: {' '.join(run.overrides) or '(no overrides)'} -- {reason} [{run.where}]"
+            for run, reason in table.skipped]
+
+
+def _body(table: Table) -> list[tuple[str, list[Cell | None]]]:
+    lines = []
+    if table.teacher:
+        lines.append(("teacher", [table.teacher.get(c) for c in table.cols]))
+    lines += [(" / ".join(r), [table.cells.get((r, c)) for c in table.cols]) for r in table.rows]
+    return lines
+
+
+def to_markdown(table: Table) -> str:
+    """The table in Markdown, its title above and the runs not in it below."""
+    head = [f"{' / '.join(table.row_keys)} \\ {' / '.join(table.col_keys)}", *(" / ".join(c) for c in table.cols)]
+    rows = [[label.replace("|", "\\|"), *(f"{_number(c, ' ± ')}, n={c.n}" if c else MISSING for c in cells)]
+            for label, cells in _body(table)]
+    out = [_title(table), "", "| " + " | ".join(head) + " |", "|" + "|".join(["---"] + [":-:"] * len(table.cols)) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    if not table.cells:
+        out.append("\nno completed run")
+    if table.skipped:
+        out += ["", f"not in the table ({len(table.skipped)}):", *(f"- {line}" for line in _unlisted(table))]
+    return "\n".join(out) + "\n"
+
+
+def _tex(text: str) -> str:
+    for a, b in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("$", r"\$"), ("#", r"\#"),
+                 ("_", r"\_"), ("{", r"\{"), ("}", r"\}"), ("~", r"\textasciitilde{}"), ("^", r"\textasciicircum{}")):
+        text = text.replace(a, b) if a != "\\" else text.replace(a, "\x00")
+    return text.replace("\x00", r"\textbackslash{}")
+
+
+def to_latex(table: Table) -> str:
+    """A booktabs ``tabular``; the runs not in it as comments."""
+    def cell(c: Cell | None) -> str:
+        if c is None:
+            return MISSING
+        num = f"{c.mean:.2f}" + (rf" \pm {c.std:.2f}" if c.std is not None else "")
+        diff = f" ({c.diff:+.2f})" if c.diff is not None else ""
+        return f"${num}${diff} {{\\scriptsize n={c.n}}}"
+
+    corner = _tex(" / ".join(table.row_keys)) + r" \textbackslash{} " + _tex(" / ".join(table.col_keys))
+    out = [f"% kd-table: {_title(table)}", r"\begin{tabular}{l" + "c" * len(table.cols) + "}", r"\toprule",
+           " & ".join([corner, *(_tex(" / ".join(c)) for c in table.cols)]) + r" \\", r"\midrule"]
+    body = _body(table)
+    for i, (label, cells) in enumerate(body):
+        out.append(" & ".join([_tex(label), *map(cell, cells)]) + r" \\")
+        if i == 0 and table.teacher and len(body) > 1:
+            out.append(r"\midrule")
+    out += [r"\bottomrule", r"\end{tabular}"]
+    out += [f"% not in the table: {_tex(line)}" for line in _unlisted(table)]
+    return "\n".join(out) + "\n"
+
+
+def to_csv(table: Table) -> str:
+    """One line per cell: row, col, mean, std, n, diff (in the table's units; empty when none)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["row", "col", "mean", "std", "n", "diff"])
+    for label, cells in _body(table):
+        for col, c in zip(table.cols, cells):
+            if c is not None:
+                writer.writerow([label, " / ".join(col), repr(round(c.mean, 6)),
+                                 "" if c.std is None else repr(round(c.std, 6)), c.n,
+                                 "" if c.diff is None else repr(round(c.diff, 6))])
+    return buf.getvalue()
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, no usage block
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _keys(values: list[str] | None, default: str) -> list[str]:
+    return [k.strip() for v in (values or [default]) for k in v.split(",") if k.strip()]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = _Parser(prog="kd-table", description=__doc__.split("\n\n")[0],
+                formatter_class=argparse.RawDescriptionHelpFormatter, epilog="Examples:" + __doc__.split("Examples:")[1])
+    p.add_argument("dirs", nargs="*", help="sweep or run directories, or parents of them (searched recursively)")
+    p.add_argument("--wandb", metavar="ENTITY/PROJECT", help="read the runs of this W&B project instead")
+    p.add_argument("--rows", action="append", help="row key(s), repeatable or comma separated (default: student)")
+    p.add_argument("--cols", action="append", help="column key(s) (default: method)")
+    p.add_argument("--metric", default="test/acc", help="the student's metric (default: test/acc)")
+    p.add_argument("--final", action="store_true", help="the final epoch's metrics instead of the best-val checkpoint's")
+    p.add_argument("--baseline", default=None, help="method to diff against (default: none if present; '' disables)")
+    p.add_argument("--no-teacher", dest="teacher", action="store_false", help="leave out the teacher row")
+    p.add_argument("--format", default="md", help="md, tex, csv, comma separated (default: md)")
+    p.add_argument("--out", type=Path, help="write table.<format> (and the plots) into this directory")
+    p.add_argument("--plot", action="append", choices=PLOTS, help="PNG plots into --out: temperature, heatmap")
+    args = p.parse_args(argv)
+    args.rows, args.cols = _keys(args.rows, "student"), _keys(args.cols, "method")
+    args.format = _keys([args.format], "md")
+    bad = [f for f in args.format if f not in FORMATS]
+    if bad:
+        p.error(f"unknown format {bad[0]!r} (choose from {', '.join(FORMATS)})")
+    if bool(args.dirs) == bool(args.wandb):
+        p.error("give sweep directories or --wandb ENTITY/PROJECT (one of them)")
+    if args.plot and args.out is None:
+        p.error("--plot writes PNG files: give --out DIR")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``kd-table``: prints the table (and writes it, and the plots, into ``--out``); exit status 2 on bad input."""
+    args = parse_args(argv)
+    try:
+        runs = wandb_runs(args.wandb) if args.wandb else find_runs(args.dirs)
+        table = build_table(runs, args.rows, args.cols, metric=args.metric, final=args.final,
+                            baseline=args.baseline, teacher=args.teacher)
+        texts = {"md": to_markdown, "tex": to_latex, "csv": to_csv}
+        if args.out is None:
+            print("\n".join(texts[f](table) for f in args.format), end="")
+            if "md" not in args.format and table.skipped:  # the Markdown lists them; the others must not hide them
+                print("\n".join(f"kd-table: not in the table: {line}" for line in _unlisted(table)), file=sys.stderr)
+            return 0
+        from kd.results import _write_atomic
+
+        written = []
+        for f in args.format:
+            text = texts[f](table)
+            _write_atomic(args.out / FORMATS[f], lambda fh, t=text: fh.write(t.encode()))
+            written.append(args.out / FORMATS[f])
+        if args.plot:
+            from kd import plots
+
+            written += [plots.PLOTTERS[name](runs, args.out / f"{name}.png", metric=args.metric, final=args.final)
+                        for name in dict.fromkeys(args.plot)]
+    except TableError as e:
+        print(f"kd-table: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(to_markdown(table), end="")
+    print("\n".join(f"wrote {p}" for p in written), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
