@@ -72,7 +72,8 @@ def _last_name(target: Any) -> str | None:
     return str(target).rsplit(".", 1)[-1] if target else None
 
 
-def _dig(tree: Any, dotted: str) -> Any:
+def dig(tree: Any, dotted: str) -> Any:
+    """``tree["a"]["b"]`` for ``"a.b"``; None where a part is missing."""
     for part in dotted.split("."):
         if not isinstance(tree, dict) or part not in tree:
             return None
@@ -93,7 +94,7 @@ def _fallback(results: dict[str, Any], canonical: str) -> str | None:
         method = results.get("method")
         return BASELINE_METHOD if method == "CrossEntropy" else _scalar(method)
     if canonical in ("model/student", "model/teacher"):
-        return _last_name(_dig(config, canonical.replace("/", ".") + "._target_"))
+        return _last_name(dig(config, canonical.replace("/", ".") + "._target_"))
     if canonical == "data":
         return _scalar((results.get("data") or {}).get("name"))
     return None
@@ -108,7 +109,7 @@ def key_value(run: Run, key: str) -> str | None:
     results = run.results or {}
     value = _fallback(results, canonical)
     if value is None:
-        value = _scalar(_dig(results.get("config") or {}, canonical.replace("/", ".")))
+        value = _scalar(dig(results.get("config") or {}, canonical.replace("/", ".")))
     if value is None and key in results:
         value = _scalar(results[key])
     return value

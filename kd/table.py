@@ -26,7 +26,18 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kd.runs import ALIASES, BASELINE_METHOD, Run, TableError, find_runs, is_method_key, key_value, metric_value, wandb_runs
+from kd.runs import (
+    ALIASES,
+    BASELINE_METHOD,
+    Run,
+    TableError,
+    dig,
+    find_runs,
+    is_method_key,
+    key_value,
+    metric_value,
+    wandb_runs,
+)
 
 Label = tuple[str, ...]
 MISSING = "-"
@@ -69,6 +80,7 @@ class Table:
     teacher: dict[Label, Cell]
     skipped: list[tuple[Run, str]]
     baseline: str | None = None
+    published: dict[str, float] = field(default_factory=dict)  # column label (or "teacher") -> the paper's number
 
 
 def scale_of(metric: str) -> float:
@@ -112,7 +124,7 @@ def _baseline_of(cell_label: Label, labels: list[Label], at: int, baseline: str)
 
 
 def build_table(runs: list[Run], rows: list[str], cols: list[str], *, metric: str = "test/acc", final: bool = False,
-                baseline: str | None = None, teacher: bool = True) -> Table:
+                baseline: str | None = None, teacher: bool = True, published: str | None = None) -> Table:
     """Groups the completed runs into cells; lists the others with the reason.
 
     Args:
@@ -123,6 +135,8 @@ def build_table(runs: list[Run], rows: list[str], cols: list[str], *, metric: st
         final: Use the final epoch's metrics instead of the selected checkpoint's.
         baseline: The method value of the baseline (None: ``none`` when present; ``""``: no baseline).
         teacher: Add a teacher row (its test metric per column, one value per distinct teacher).
+        published: Dotted config path of a mapping from column label to the paper's number
+            (``pair.published`` of the CIFAR experiments), shown as a ``published`` row.
 
     Returns:
         The table.
@@ -152,7 +166,22 @@ def build_table(runs: list[Run], rows: list[str], cols: list[str], *, metric: st
     table = Table(rows, cols, metric, final, scale == 100.0, row_labels, col_labels, cells,
                   {c: Cell(list(v.values())) for c, v in teachers.items()} if teacher else {}, skipped)
     _add_baseline(table, baseline)
+    if published:
+        table.published = _published(runs, published, col_labels)
     return table
+
+
+def _published(runs: list[Run], key: str, cols: list[Label]) -> dict[str, float]:
+    """The paper's number of each column (and of the teacher), from the runs' configs at ``key``."""
+    found: dict[str, float] = {}
+    for run in runs:
+        numbers = dig((run.results or {}).get("config") or {}, key)
+        if isinstance(numbers, dict):
+            found.update({str(k): float(v) for k, v in numbers.items() if isinstance(v, (int, float))})
+    if not found:
+        raise TableError(f"--published {key}: no run's config has numbers there (the CIFAR experiments: pair.published)")
+    wanted = {" / ".join(c) for c in cols} | {"teacher"}
+    return {k: v for k, v in found.items() if k in wanted}
 
 
 def _add_baseline(table: Table, baseline: str | None) -> None:
@@ -217,11 +246,23 @@ def to_markdown(table: Table) -> str:
             for label, cells in _body(table)]
     out = [_title(table), "", "| " + " | ".join(head) + " |", "|" + "|".join(["---"] + [":-:"] * len(table.cols)) + "|"]
     out += ["| " + " | ".join(r) + " |" for r in rows]
+    if table.published:
+        out.append("| " + " | ".join([_published_label(table), *(_paper(table, c) for c in table.cols)]) + " |")
     if not table.cells:
         out.append("\nno completed run")
     if table.skipped:
         out += ["", f"not in the table ({len(table.skipped)}):", *(f"- {line}" for line in _unlisted(table))]
     return "\n".join(out) + "\n"
+
+
+def _published_label(table: Table) -> str:
+    teacher = table.published.get("teacher")
+    return "published" + (f" (teacher {teacher:g})" if teacher is not None else "")
+
+
+def _paper(table: Table, col: Label) -> str:
+    value = table.published.get(" / ".join(col))
+    return MISSING if value is None else f"{value:g}"
 
 
 def _tex(text: str) -> str:
@@ -248,6 +289,8 @@ def to_latex(table: Table) -> str:
         out.append(" & ".join([_tex(label), *map(cell, cells)]) + r" \\")
         if i == 0 and table.teacher and len(body) > 1:
             out.append(r"\midrule")
+    if table.published:
+        out += [r"\midrule", " & ".join([_tex(_published_label(table)), *(_paper(table, c) for c in table.cols)]) + r" \\"]
     out += [r"\bottomrule", r"\end{tabular}"]
     out += [f"% not in the table: {_tex(line)}" for line in _unlisted(table)]
     return "\n".join(out) + "\n"
@@ -264,6 +307,8 @@ def to_csv(table: Table) -> str:
                 writer.writerow([label, " / ".join(col), repr(round(c.mean, 6)),
                                  "" if c.std is None else repr(round(c.std, 6)), c.n,
                                  "" if c.diff is None else repr(round(c.diff, 6))])
+    for label, value in table.published.items():
+        writer.writerow(["published", label, repr(value), "", "", ""])
     return buf.getvalue()
 
 
@@ -286,6 +331,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--metric", default="test/acc", help="the student's metric (default: test/acc)")
     p.add_argument("--final", action="store_true", help="the final epoch's metrics instead of the best-val checkpoint's")
     p.add_argument("--baseline", default=None, help="method to diff against (default: none if present; '' disables)")
+    p.add_argument("--published", metavar="KEY", help="a row of the paper's numbers, from this config mapping "
+                   "of column label -> number (pair.published)")
     p.add_argument("--no-teacher", dest="teacher", action="store_false", help="leave out the teacher row")
     p.add_argument("--format", default="md", help="md, tex, csv, comma separated (default: md)")
     p.add_argument("--out", type=Path, help="write table.<format> (and the plots) into this directory")
@@ -309,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         runs = wandb_runs(args.wandb) if args.wandb else find_runs(args.dirs)
         table = build_table(runs, args.rows, args.cols, metric=args.metric, final=args.final,
-                            baseline=args.baseline, teacher=args.teacher)
+                            baseline=args.baseline, teacher=args.teacher, published=args.published)
         texts = {"md": to_markdown, "tex": to_latex, "csv": to_csv}
         if args.out is None:
             print("\n".join(texts[f](table) for f in args.format), end="")

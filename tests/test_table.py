@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from kd.runs import Run, find_runs, key_value
+from kd.runs import Run, TableError, find_runs, key_value
 from kd.table import build_table, main, to_csv, to_latex, to_markdown
 
 
@@ -274,3 +274,19 @@ def test_table_of_a_real_sweep_of_methods_temperatures_and_seeds(cli, tmp_path: 
     assert rows[("teacher", "kd")]["n"] == "1"  # one stored teacher shared by the whole sweep
     main([str(sweep), "--rows", "temperature", "--cols", "method"])
     assert "| temperature \\ method | kd | dkd |" in capsys.readouterr().out
+
+
+def test_published_row_comes_from_the_runs_config(tmp_path: Path) -> None:
+    published = {"teacher": 79.42, "student": 72.5, "kd": 73.33, "dkd": 76.32}
+    config = {"pair": {"published": published}, "distill": {}}
+    for i, (row, acc) in enumerate([("student", 0.70), ("kd", 0.72), ("dkd", 0.74)]):
+        job(tmp_path / "s", str(i), [f"cifar_row={row}", "experiment=pair"], acc, config=config)
+    table = build_table(find_runs([tmp_path / "s"]), ["experiment"], ["cifar_row"], published="pair.published")
+    assert table.published == {"teacher": 79.42, "student": 72.5, "kd": 73.33, "dkd": 76.32}
+    md = to_markdown(table)
+    assert "| published (teacher 79.42) | 72.5 | 73.33 | 76.32 |" in md
+    assert "published (teacher 79.42) & 72.5 & 73.33 & 76.32 \\\\" in to_latex(table)
+    rows = list(csv.DictReader(io.StringIO(to_csv(table))))
+    assert {r["col"]: float(r["mean"]) for r in rows if r["row"] == "published"} == published
+    with pytest.raises(TableError, match="--published pair.numbers: no run's config"):
+        build_table(find_runs([tmp_path / "s"]), ["experiment"], ["cifar_row"], published="pair.numbers")
