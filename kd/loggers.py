@@ -1,34 +1,138 @@
-"""Logger factories: W&B that is offline unless asked otherwise and never hangs without network."""
+"""Logger factories and W&B run bookkeeping: offline unless a key and a server are there, never a hang.
+
+``wandb_logger`` decides between online and offline before W&B starts (an API key, then a
+server that answers within ``connect_timeout``) and says which and why. ``start_loggers`` names,
+groups and tags a W&B run from the Hydra overrides and logs the resolved config with
+``method``/``student``/``teacher_model``/``dataset`` beside it; ``finish_loggers`` puts
+``results.json`` into the run summary (key ``results``, read by ``kd-table --wandb``), the
+compression report as a table, and closes the run so that an offline directory is complete.
+"""
 
 from __future__ import annotations
 
 import logging
+import netrc
 import os
 import socket
-from collections.abc import Sequence
+import threading
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.loggers import Logger, WandbLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 log = logging.getLogger(__name__)
 
+DEFAULT_BASE_URL = "https://api.wandb.ai"
+# overrides that say where a run writes, not what it is: left out of the run name
+NAME_NOISE = ("hydra.", "paths.", "logger", "teacher.store_dir", "trainer.enable_progress_bar")
+# tags and convenience config keys: (config key, Hydra group)
+IDENTITY = (("method", "distill"), ("student", "model/student"), ("teacher_model", "model/teacher"), ("dataset", "data"))
+
+
+def wandb_base_url() -> str:
+    """The W&B server, as W&B itself reads it (``WANDB_BASE_URL``)."""
+    return os.environ.get("WANDB_BASE_URL", DEFAULT_BASE_URL).rstrip("/")
+
+
+def wandb_api_key_present() -> bool:
+    """Whether W&B would find credentials, without asking the server.
+
+    Looks where ``wandb.init`` looks: ``WANDB_API_KEY`` or ``WANDB_IDENTITY_TOKEN_FILE``, then the
+    ``.netrc`` entry that ``wandb login`` writes for the server's host.
+    """
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    try:
+        from wandb.sdk.lib.wbauth import read_netrc_auth  # wandb >= 0.22
+    except ImportError:
+        read_netrc_auth = None
+    try:
+        if read_netrc_auth is not None:
+            return read_netrc_auth(host=wandb_base_url()) is not None
+        path = Path(os.environ.get("NETRC", "~/.netrc")).expanduser()
+        return path.exists() and netrc.netrc(path).authenticators(urlparse(wandb_base_url()).netloc) is not None
+    except Exception:  # noqa: BLE001 - a malformed netrc is W&B's to report; here it means "no key"
+        return False
+
 
 def wandb_reachable(timeout: float) -> bool:
-    """Whether a TCP connection to the W&B server (``WANDB_BASE_URL``) opens within ``timeout`` s."""
-    url = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
+    """Whether a TCP connection to the W&B server (``WANDB_BASE_URL``) opens within ``timeout`` s.
+
+    The name lookup runs in a thread too: without network it can block far longer than any
+    socket timeout.
+    """
+    url = urlparse(wandb_base_url())
     port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        with socket.create_connection((url.hostname or "api.wandb.ai", port), timeout=timeout):
-            return True
-    except OSError:
-        return False
+    answer: list[bool] = []
+
+    def connect() -> None:
+        try:
+            with socket.create_connection((url.hostname or "api.wandb.ai", port), timeout=timeout):
+                answer.append(True)
+        except OSError:
+            answer.append(False)
+
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(answer and answer[0])
+
+
+def wandb_offline(offline: bool | None, connect_timeout: float, save_dir: str) -> bool:
+    """Whether a W&B run logs offline, with one log line saying why when it was not asked.
+
+    Args:
+        offline: True forces offline; False asks online; None: online when there is a key.
+        connect_timeout: Seconds to wait for the server before going offline.
+        save_dir: Where offline runs go (for the message).
+    """
+    where = f"logging offline to {save_dir}/wandb (upload later with `wandb sync {save_dir}/wandb/offline-run-*`)"
+    mode = os.environ.get("WANDB_MODE", "")
+    if offline or mode in ("offline", "dryrun", "disabled"):
+        if not offline:
+            log.info("WANDB_MODE=%s: %s", mode, where)
+        return True
+    if offline is None and not wandb_api_key_present():
+        log.info("no W&B API key (WANDB_API_KEY or `wandb login`): %s", where)
+        return True
+    if not wandb_reachable(connect_timeout):
+        log.warning("W&B server %s unreachable within %.0f s: %s", wandb_base_url(), connect_timeout, where)
+        return True
+    return False
+
+
+class KDWandbLogger(WandbLogger):
+    """Lightning's ``WandbLogger``, except that an offline run leaves ``WANDB_MODE`` as it found it.
+
+    Lightning sets ``WANDB_MODE=dryrun`` for the whole process, which would turn every later run
+    of a sweep in the same process offline too. It also passes ``anonymous=None``, which W&B
+    warns about; that is left out.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if self._wandb_init.get("anonymous") is None:
+            self._wandb_init.pop("anonymous", None)
+
+    @property
+    def experiment(self) -> Any:  # noqa: D102 - see WandbLogger.experiment
+        before = os.environ.get("WANDB_MODE")
+        try:
+            return super().experiment
+        finally:
+            if before is None:
+                os.environ.pop("WANDB_MODE", None)
+            else:
+                os.environ["WANDB_MODE"] = before
 
 
 def wandb_logger(
     project: str = "kd",
     save_dir: str = ".",
-    offline: bool = True,
+    offline: bool | None = None,
     name: str | None = None,
     group: str | None = None,
     tags: Sequence[str] = (),
@@ -36,34 +140,186 @@ def wandb_logger(
     connect_timeout: float = 5.0,
     **kwargs: Any,
 ) -> WandbLogger:
-    """A Lightning ``WandbLogger`` that cannot hang a run on a machine without network.
+    """A Lightning ``WandbLogger`` that goes online only when it can, and never hangs a run.
 
-    W&B's own online init waits about two minutes for an unreachable server. Here an online
-    logger first checks that the server answers within ``connect_timeout`` seconds and falls back
-    to offline mode (with a warning) when it does not; offline runs land in
-    ``<save_dir>/wandb/offline-run-*`` and upload later with ``wandb sync``.
+    W&B's own online init waits about two minutes for an unreachable server. Here the mode is
+    decided first (``wandb_offline``): online needs an API key (unless ``offline=False``) and a
+    server that answers within ``connect_timeout`` seconds; otherwise the run logs offline to
+    ``<save_dir>/wandb/offline-run-*``, to upload later with ``wandb sync``.
 
     Args:
         project: W&B project.
         save_dir: Directory of the local W&B files (the run directory).
-        offline: Log offline (the default); false to log online.
-        name: Run name (W&B picks one when None).
-        group: Run group, e.g. a sweep.
-        tags: Run tags.
-        log_model: Upload checkpoints as artifacts (online only).
+        offline: True: offline; False: online (offline when the server is unreachable);
+            None: online when an API key is found and the server answers.
+        name: Run name; None: built from the overrides by ``start_loggers``.
+        group: Run group; None: the sweep or the experiment.
+        tags: Run tags; empty: method, student, teacher and dataset.
+        log_model: Upload checkpoints as artifacts (``True``: the best at the end; ``"all"``:
+            every one). Online only: an offline run warns and skips them.
         connect_timeout: Seconds to wait for the W&B server before going offline.
         **kwargs: Passed on to ``wandb.init``.
     """
-    if not offline and os.environ.get("WANDB_MODE") not in ("offline", "disabled"):
-        if not wandb_reachable(connect_timeout):
-            log.warning(
-                "W&B server unreachable within %.0f s: logging offline to %s/wandb "
-                "(upload later with `wandb sync`)", connect_timeout, save_dir,
-            )
-            offline = True
-    if offline:
-        log_model = False  # artifacts need a server
-    return WandbLogger(
+    offline = wandb_offline(offline, connect_timeout, save_dir)
+    if offline and log_model:
+        log.warning("W&B artifacts need an online run: checkpoints are not uploaded (log_model=%s ignored)", log_model)
+        log_model = False
+    return KDWandbLogger(
         project=project, save_dir=save_dir, offline=offline, name=name, group=group,
         tags=list(tags), log_model=log_model, **kwargs,
     )
+
+
+def _choice(resolved: Mapping[str, Any], choices: Mapping[str, Any], overrides: Sequence[str], group: str) -> str | None:
+    """The option of a config group: Hydra's choice, else the override, else the class of ``_target_``."""
+    if choices.get(group):
+        return str(choices[group])
+    for override in overrides:
+        key, _, value = override.lstrip("+~").partition("=")
+        if key == group and value:
+            return value
+    node: Any = resolved
+    for part in group.split("/"):
+        node = node.get(part) if isinstance(node, Mapping) else None
+    target = node.get("_target_") if isinstance(node, Mapping) else None
+    return str(target).rsplit(".", 1)[-1] if target else None
+
+
+def run_identity(
+    resolved: Mapping[str, Any], overrides: Sequence[str] = (), choices: Mapping[str, Any] | None = None,
+    sweep: str | None = None,
+) -> dict[str, Any]:
+    """A run's W&B name, group, tags and convenience config keys, from its config and overrides.
+
+    Args:
+        resolved: The resolved config.
+        overrides: The command-line overrides (``kd.run.task_overrides()``).
+        choices: Hydra's chosen option per config group (``hydra.runtime.choices``), if any.
+        sweep: The sweep this run belongs to (a multirun), if any.
+
+    Returns:
+        ``name`` (the overrides that say what the run is, e.g. ``distill=kd,seed=0``; else method
+        and student), ``group`` (the sweep, else the experiment, else None), ``tags`` and
+        ``keys`` (method, student, teacher_model, dataset, seed).
+
+    Example:
+        >>> run_identity({"seed": 0}, ["distill=kd", "paths.root=/tmp", "seed=1"])["name"]
+        'distill=kd,seed=1'
+    """
+    choices = choices or {}
+    keys = {key: _choice(resolved, choices, overrides, group) for key, group in IDENTITY}
+    keys["seed"] = resolved.get("seed")
+    kept = [o.lstrip("+~") for o in overrides if not o.lstrip("+~").startswith(NAME_NOISE)]
+    name = ",".join(kept) or "-".join(str(keys[k]) for k in ("method", "student") if keys[k]) or None
+    experiment = _choice({}, choices, overrides, "experiment")
+    tags = [f"{key.removesuffix('_model')}:{value}" for key, value in keys.items() if key != "seed" and value]
+    return {"name": name[:128] if name else None, "group": sweep or experiment, "tags": tags, "keys": keys}
+
+
+def hydra_context() -> dict[str, Any]:
+    """The overrides, group choices and sweep of the running Hydra job (empty outside Hydra)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    try:
+        hydra_cfg = HydraConfig.get()
+    except ValueError:
+        return {}
+    sweep = None
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        path = Path(str(hydra_cfg.sweep.dir))
+        sweep = f"{path.parent.name}/{path.name}" if path.parent.name else path.name
+    return {"overrides": list(hydra_cfg.overrides.task), "choices": dict(hydra_cfg.runtime.choices), "sweep": sweep}
+
+
+def flat_enough(value: Any) -> Any:
+    """A config W&B can group and filter by at every key: nested dicts stay (shown dotted),
+    lists of dicts become dicts keyed by position, other lists stay lists."""
+    if isinstance(value, Mapping):
+        return {str(k): flat_enough(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        if any(isinstance(v, (Mapping, list, tuple)) for v in value):
+            return {str(i): flat_enough(v) for i, v in enumerate(value)}
+        return list(value)
+    return value
+
+
+def start_loggers(loggers: Sequence[Logger], resolved: dict[str, Any], overrides: Sequence[str] = ()) -> None:
+    """Logs the resolved config to every logger; names, groups and tags a W&B run first.
+
+    A W&B logger's own ``name``/``group``/``tags`` (``logger.wandb.name=...``) win over the ones
+    made here. Called before training, when no W&B run exists yet.
+
+    Args:
+        loggers: The run's loggers.
+        resolved: The resolved config.
+        overrides: The command-line overrides, used outside Hydra (inside, Hydra's are read).
+    """
+    context = hydra_context()
+    identity = run_identity(resolved, context.get("overrides", overrides), context.get("choices"), context.get("sweep"))
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            init = logger._wandb_init  # read by wandb.init on the first use of logger.experiment
+            for key in ("name", "group", "tags"):
+                if not init.get(key):
+                    init[key] = identity[key]
+            logger._name = init["name"]
+            logger.log_hyperparams({**flat_enough(resolved), **identity["keys"]})
+        else:
+            logger.log_hyperparams(resolved)
+
+
+def report_table(rows: Sequence[Mapping[str, Any]]) -> Any:
+    """The compression report's rows as a ``wandb.Table``, nested cells (latency) as ``latency_ms/b1``."""
+    import wandb
+
+    flat_rows = []
+    for row in rows:
+        flat: dict[str, Any] = {}
+        for key, value in row.items():
+            if isinstance(value, Mapping):
+                flat.update({f"{key}/{k}": v for k, v in value.items()})
+            else:
+                flat[key] = value
+        flat_rows.append(flat)
+    columns = list(dict.fromkeys(key for row in flat_rows for key in row))
+    return wandb.Table(columns=columns, data=[[row.get(c) for c in columns] for row in flat_rows])
+
+
+@rank_zero_only
+def finish_loggers(loggers: Sequence[Logger], results: Mapping[str, Any]) -> None:
+    """Puts the final ``results.json`` into each W&B run's summary, then finishes the run.
+
+    The summary holds the whole results under ``results`` (a contract: ``kd-table --wandb``
+    reads ``run.summary["results"]``), the headline accuracies ``test/acc`` (the selected
+    weights), ``final/test/acc`` and ``teacher/test/acc``, and the compression report as the
+    table ``compression_report`` when there is one.
+    """
+    for logger in loggers:
+        if not isinstance(logger, WandbLogger) or logger._experiment is None:
+            continue
+        run = logger.experiment
+        student = results.get("student") or {}
+        headline = {
+            "test/acc": (student.get("metrics") or {}).get("test/acc"),
+            "final/test/acc": (student.get("final_metrics") or {}).get("test/acc"),
+            "teacher/test/acc": ((results.get("teacher") or {}).get("metrics") or {}).get("test/acc"),
+        }
+        rows = (results.get("report") or {}).get("rows")
+        if rows:
+            run.log({"compression_report": report_table(rows)})
+        run.summary.update({"results": dict(results), **{k: v for k, v in headline.items() if v is not None}})
+        run.finish()
+
+
+def abort_wandb_run() -> None:
+    """Finishes a W&B run left open by a job that raised, marked failed (exit code 1).
+
+    Otherwise the next job of a sweep in the same process would log into it: Lightning's
+    ``WandbLogger`` reuses a run that is still in progress.
+    """
+    import sys
+
+    wandb = sys.modules.get("wandb")  # never imported: no run to close
+    if wandb is not None and wandb.run is not None:
+        wandb.run.finish(exit_code=1)

@@ -20,6 +20,7 @@ from kd.compress.deploy import deploy_and_report
 from kd.compress.report import format_report
 from kd.errors import ConfigError, check_int, instantiate_checked
 from kd.fit import build_optimization, fit
+from kd.loggers import finish_loggers, start_loggers
 from kd.method import prepare_method
 from kd.models.build import build_model, count_parameters
 from kd.results import RESULTS_FILE, STUDENT_WEIGHTS, git_info, save_atomic, summary_table, write_json_atomic
@@ -216,8 +217,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     # Data order and dropout must not depend on whether the teacher was trained in this run.
     L.seed_everything(seed, workers=True, verbose=False)
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    for logger in loggers:
-        logger.log_hyperparams(resolved)
+    start_loggers(loggers, resolved)
     result = fit(
         student=student, criterion=criterion, datamodule=datamodule, teacher=teacher,
         trainer=trainer, optimization=optimization, features=features,
@@ -288,4 +288,5 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 print(f"compression report failed: {results['report']['error']} (results.json has the rest)", flush=True)
             else:
                 print(format_report(results["report"]), flush=True)
+    finish_loggers(loggers, results)
     return results

@@ -16,6 +16,7 @@ import hydra
 from omegaconf import DictConfig
 
 from kd.errors import ConfigError
+from kd.loggers import abort_wandb_run
 from kd.results import FAILURE_FILE, write_failure
 from kd.run import check_launch, run, task_overrides
 
@@ -53,6 +54,7 @@ def main(cfg: DictConfig) -> float | None:
     try:
         results = run(cfg)
     except Exception as e:
+        abort_wandb_run()
         write_failure(Path(cfg.paths.output_dir), e, overrides=task_overrides())
         multirun = _in_multirun()
         if isinstance(e, ConfigError):
