@@ -19,11 +19,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import csv
-import io
-import statistics
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from kd.runs import (
@@ -38,49 +34,10 @@ from kd.runs import (
     metric_value,
     wandb_runs,
 )
+from kd.table_formats import MISSING, Cell, Label, Table, to_csv, to_latex, to_markdown, unlisted
 
-Label = tuple[str, ...]
-MISSING = "-"
 FORMATS = {"md": "table.md", "tex": "table.tex", "csv": "table.csv"}
 PLOTS = ("temperature", "heatmap")
-
-
-@dataclass
-class Cell:
-    """The runs of one cell: their metric values (in display units) and the difference to the baseline."""
-
-    values: list[float] = field(default_factory=list)
-    diff: float | None = None
-
-    @property
-    def n(self) -> int:
-        return len(self.values)
-
-    @property
-    def mean(self) -> float:
-        return statistics.mean(self.values)
-
-    @property
-    def std(self) -> float | None:
-        return statistics.stdev(self.values) if self.n > 1 else None
-
-
-@dataclass
-class Table:
-    """A table of cells by (row label, column label), each label a tuple of key values."""
-
-    row_keys: list[str]
-    col_keys: list[str]
-    metric: str
-    final: bool
-    percent: bool
-    rows: list[Label]
-    cols: list[Label]
-    cells: dict[tuple[Label, Label], Cell]
-    teacher: dict[Label, Cell]
-    skipped: list[tuple[Run, str]]
-    baseline: str | None = None
-    published: dict[str, float] = field(default_factory=dict)  # column label (or "teacher") -> the paper's number
 
 
 def scale_of(metric: str) -> float:
@@ -214,104 +171,6 @@ def _add_baseline(table: Table, baseline: str | None) -> None:
             cell.diff = cell.mean - other.mean
 
 
-def _number(cell: Cell, pm: str) -> str:
-    text = f"{cell.mean:.2f}" + (f"{pm}{cell.std:.2f}" if cell.std is not None else "")
-    return text + (f" ({cell.diff:+.2f})" if cell.diff is not None else "")
-
-
-def _title(table: Table) -> str:
-    unit = " (%)" if table.percent else ""
-    which = "final epoch" if table.final else "best-validation checkpoint"
-    note = f"; (±x.xx): difference to {table.baseline}" if table.baseline else ""
-    return f"{table.metric}{unit} of the {which}, mean ± std over runs (n runs per cell){note}"
-
-
-def _unlisted(table: Table) -> list[str]:
-    return [f"{run.status}: {' '.join(run.overrides) or '(no overrides)'} -- {reason} [{run.where}]"
-            for run, reason in table.skipped]
-
-
-def _body(table: Table) -> list[tuple[str, list[Cell | None]]]:
-    lines = []
-    if table.teacher:
-        lines.append(("teacher", [table.teacher.get(c) for c in table.cols]))
-    lines += [(" / ".join(r), [table.cells.get((r, c)) for c in table.cols]) for r in table.rows]
-    return lines
-
-
-def to_markdown(table: Table) -> str:
-    """The table in Markdown, its title above and the runs not in it below."""
-    head = [f"{' / '.join(table.row_keys)} \\ {' / '.join(table.col_keys)}", *(" / ".join(c) for c in table.cols)]
-    rows = [[label.replace("|", "\\|"), *(f"{_number(c, ' ± ')}, n={c.n}" if c else MISSING for c in cells)]
-            for label, cells in _body(table)]
-    out = [_title(table), "", "| " + " | ".join(head) + " |", "|" + "|".join(["---"] + [":-:"] * len(table.cols)) + "|"]
-    out += ["| " + " | ".join(r) + " |" for r in rows]
-    if table.published:
-        out.append("| " + " | ".join([_published_label(table), *(_paper(table, c) for c in table.cols)]) + " |")
-    if not table.cells:
-        out.append("\nno completed run")
-    if table.skipped:
-        out += ["", f"not in the table ({len(table.skipped)}):", *(f"- {line}" for line in _unlisted(table))]
-    return "\n".join(out) + "\n"
-
-
-def _published_label(table: Table) -> str:
-    teacher = table.published.get("teacher")
-    return "published" + (f" (teacher {teacher:g})" if teacher is not None else "")
-
-
-def _paper(table: Table, col: Label) -> str:
-    value = table.published.get(" / ".join(col))
-    return MISSING if value is None else f"{value:g}"
-
-
-def _tex(text: str) -> str:
-    for a, b in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("$", r"\$"), ("#", r"\#"),
-                 ("_", r"\_"), ("{", r"\{"), ("}", r"\}"), ("~", r"\textasciitilde{}"), ("^", r"\textasciicircum{}")):
-        text = text.replace(a, b) if a != "\\" else text.replace(a, "\x00")
-    return text.replace("\x00", r"\textbackslash{}")
-
-
-def to_latex(table: Table) -> str:
-    """A booktabs ``tabular``; the runs not in it as comments."""
-    def cell(c: Cell | None) -> str:
-        if c is None:
-            return MISSING
-        num = f"{c.mean:.2f}" + (rf" \pm {c.std:.2f}" if c.std is not None else "")
-        diff = f" ({c.diff:+.2f})" if c.diff is not None else ""
-        return f"${num}${diff} {{\\scriptsize n={c.n}}}"
-
-    corner = _tex(" / ".join(table.row_keys)) + r" \textbackslash{} " + _tex(" / ".join(table.col_keys))
-    out = [f"% kd-table: {_title(table)}", r"\begin{tabular}{l" + "c" * len(table.cols) + "}", r"\toprule",
-           " & ".join([corner, *(_tex(" / ".join(c)) for c in table.cols)]) + r" \\", r"\midrule"]
-    body = _body(table)
-    for i, (label, cells) in enumerate(body):
-        out.append(" & ".join([_tex(label), *map(cell, cells)]) + r" \\")
-        if i == 0 and table.teacher and len(body) > 1:
-            out.append(r"\midrule")
-    if table.published:
-        out += [r"\midrule", " & ".join([_tex(_published_label(table)), *(_paper(table, c) for c in table.cols)]) + r" \\"]
-    out += [r"\bottomrule", r"\end{tabular}"]
-    out += [f"% not in the table: {_tex(line)}" for line in _unlisted(table)]
-    return "\n".join(out) + "\n"
-
-
-def to_csv(table: Table) -> str:
-    """One line per cell: row, col, mean, std, n, diff (in the table's units; empty when none)."""
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["row", "col", "mean", "std", "n", "diff"])
-    for label, cells in _body(table):
-        for col, c in zip(table.cols, cells):
-            if c is not None:
-                writer.writerow([label, " / ".join(col), repr(round(c.mean, 6)),
-                                 "" if c.std is None else repr(round(c.std, 6)), c.n,
-                                 "" if c.diff is None else repr(round(c.diff, 6))])
-    for label, value in table.published.items():
-        writer.writerow(["published", label, repr(value), "", "", ""])
-    return buf.getvalue()
-
-
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, no usage block
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -361,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.out is None:
             print("\n".join(texts[f](table) for f in args.format), end="")
             if "md" not in args.format and table.skipped:  # the Markdown lists them; the others must not hide them
-                print("\n".join(f"kd-table: not in the table: {line}" for line in _unlisted(table)), file=sys.stderr)
+                print("\n".join(f"kd-table: not in the table: {line}" for line in unlisted(table)), file=sys.stderr)
             return 0
         from kd.results import _write_atomic
 
