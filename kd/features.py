@@ -145,6 +145,11 @@ class FeatureExtractor:
         state["_hooks"] = {name: (module, None) for name, (module, _) in self._hooks.items()}
         return state
 
+    def ensure_built(self) -> None:
+        """Builds the FX graph now if it was dropped (pickling, ``sync``), so nothing is traced later."""
+        if self.mode == "fx" and self._graph is None:
+            self._graph = _build_graph(self.model, sorted(set(self._fx_names.values())), self._last)
+
     def __call__(self, x: Tensor) -> ModelOutput:
         """The model's logits and the requested features for a batch ``x``."""
         if self.mode == "fx":

@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 from torch import nn
 
+from kd.cache import TeacherCache
 from kd.errors import ConfigError, instantiate_checked
 from kd.features import FeatureExtractor
 from kd.losses.base import DistillationLoss
@@ -102,6 +103,9 @@ def fit(
     optimization: tuple[Callable[..., Any], Callable[..., Any] | None],
     features: tuple[FeatureExtractor, FeatureExtractor | None] | None = None,
     make_stage_trainer: Callable[[int], L.Trainer] | None = None,
+    teacher_cache: TeacherCache | None = None,
+    channels_last: bool = False,
+    compile: bool = False,
 ) -> FitResult:
     """Trains, then evaluates the final weights and the best-validation checkpoint.
 
@@ -119,6 +123,9 @@ def fit(
             ``kd.method.prepare_method``; None when the method reads logits only.
         make_stage_trainer: Builds the Trainer of a preliminary stage for a number of epochs;
             needed when the method has stages.
+        teacher_cache: The teacher's stored outputs (``kd.cache``), read instead of running it.
+        channels_last: Channels-last memory layout for conv nets and image batches.
+        compile: ``torch.compile`` the student's and teacher's forward.
 
     Returns:
         The measured metrics and the trained module.
@@ -128,7 +135,8 @@ def fit(
     module = DistillationModule(
         student=student, criterion=criterion, optimizer=optimizer,
         num_classes=datamodule.num_classes, teacher=teacher, scheduler=scheduler,
-        student_features=student_fx, teacher_features=teacher_fx,
+        student_features=student_fx, teacher_features=teacher_fx, teacher_cache=teacher_cache,
+        channels_last=channels_last, compile=compile,
     )
     stages = criterion.stages()
     report: list[dict[str, Any]] = []

@@ -12,6 +12,7 @@ from torch.optim import Optimizer
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from kd.cache import TeacherCache
 from kd.errors import ConfigError
 from kd.features import FeatureExtractor
 from kd.losses.base import DistillationLoss
@@ -26,6 +27,16 @@ def _accuracy(num_classes: int) -> MetricCollection:
     if num_classes > 5:
         metrics["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
     return MetricCollection(metrics)
+
+
+def compiled(extractor: FeatureExtractor) -> Callable[[Tensor], ModelOutput]:
+    """``torch.compile`` of a feature extractor's call, its FX graph built first in eager mode.
+
+    ``create_feature_extractor`` cannot run inside a compiled function, so the graph must exist
+    before compiling (a dry call builds it).
+    """
+    extractor.ensure_built()
+    return torch.compile(extractor.__call__)
 
 
 class DistillationModule(L.LightningModule):
@@ -48,6 +59,11 @@ class DistillationModule(L.LightningModule):
         student_features: Extractor of the features ``criterion`` reads from the student (built
             by ``kd.method.prepare_method``); None for logits only.
         teacher_features: The same for the teacher.
+        teacher_cache: The teacher's stored outputs on every training view (``kd.cache``): read
+            instead of running the teacher; batches must carry ``index`` and ``view``.
+        channels_last: Keep conv weights and image batches in channels-last memory layout.
+        compile: ``torch.compile`` the student's and the teacher's forward (their feature
+            extractors are built first, then compiled).
 
     Raises:
         ConfigError: If the criterion needs a teacher and none is given.
@@ -64,6 +80,9 @@ class DistillationModule(L.LightningModule):
         scheduler_interval: str = "epoch",
         student_features: FeatureExtractor | None = None,
         teacher_features: FeatureExtractor | None = None,
+        teacher_cache: TeacherCache | None = None,
+        channels_last: bool = False,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if criterion.requires_teacher and teacher is None:
@@ -84,6 +103,13 @@ class DistillationModule(L.LightningModule):
         self.teacher_features = teacher_features or (
             FeatureExtractor(teacher, [], key="", input_shape=()) if teacher is not None else None
         )
+        if teacher_cache is not None and teacher is None:
+            raise ValueError("a teacher cache was given without a teacher")
+        self.teacher_cache = teacher_cache
+        self.channels_last = channels_last
+        self.compile = compile
+        self._student_call: Callable[[Tensor], ModelOutput] = self.student_features
+        self._teacher_call: Callable[[Tensor], ModelOutput] | None = self.teacher_features
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.scheduler_interval = scheduler_interval
@@ -104,18 +130,48 @@ class DistillationModule(L.LightningModule):
         return self.student(x)
 
     def teacher_forward(self, x: Tensor) -> ModelOutput:
-        """The teacher's logits and features, computed without autograd and always in eval mode."""
-        assert self.teacher is not None and self.teacher_features is not None
+        """The teacher's logits and features, computed in inference mode and always in eval mode.
+
+        Under ``bf16-mixed`` the surrounding autocast applies. The outputs are cloned out of
+        inference mode (a copy of the logits and features only), so losses may save them for
+        their backward pass.
+        """
+        assert self.teacher is not None and self._teacher_call is not None
         if self.teacher.training:  # someone called teacher.train() directly
             self.teacher.eval()
-        with torch.no_grad():
-            return self.teacher_features(x)
+        with torch.inference_mode():
+            out = self._teacher_call(x)
+        return ModelOutput(out.logits.clone(), {k: v.clone() for k, v in out.features.items()})
+
+    def teacher_outputs(self, batch: Batch, x: Tensor) -> ModelOutput:
+        """The teacher's outputs on a training batch (inputs ``x``): read from the cache when there is one."""
+        if self.teacher_cache is not None:
+            return self.teacher_cache.lookup(batch["index"], batch["view"])
+        return self.teacher_forward(x)
+
+    def on_fit_start(self) -> None:
+        if self.channels_last:
+            for model in (self.student, self.teacher):
+                if model is not None:
+                    model.to(memory_format=torch.channels_last)
+        if self.teacher_cache is not None and self.device.type == "cuda":
+            self.teacher_cache.to(self.device)
+
+    def _input(self, batch: Batch) -> Tensor:
+        x = batch["input"]  # (B, ...)
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
 
     def on_train_start(self) -> None:
         # Lightning may have replaced submodules (sync_batchnorm): re-attach the extractors.
         self.student_features.sync()
         if self.teacher_features is not None:
             self.teacher_features.sync()
+        if self.compile:
+            self._student_call = compiled(self.student_features)
+            if self.teacher_features is not None and self.teacher_cache is None:
+                self._teacher_call = compiled(self.teacher_features)
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         """Student and criterion parameters: everything the optimizer updates, never the teacher."""
@@ -123,9 +179,9 @@ class DistillationModule(L.LightningModule):
             yield from (p for p in module.parameters() if p.requires_grad)
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
-        x, y = batch["input"], batch["target"]  # (B, ...), (B,)
-        student = self.student_features(x)
-        teacher = self.teacher_forward(x) if self.teacher is not None else None
+        x, y = self._input(batch), batch["target"]  # (B, ...), (B,)
+        student = self._student_call(x)
+        teacher = self.teacher_outputs(batch, x) if self.teacher is not None else None
         terms = self.criterion(student, teacher, batch, epoch=self.current_epoch)
         loss = torch.stack(list(terms.values())).sum()
         n = len(y)
@@ -137,7 +193,7 @@ class DistillationModule(L.LightningModule):
         return loss
 
     def _eval_step(self, batch: Batch, metrics: MetricCollection, stage: str) -> None:
-        x, y = batch["input"], batch["target"]
+        x, y = self._input(batch), batch["target"]
         logits = self.student(x)  # (B, num_classes)
         loss = nn.functional.cross_entropy(logits, y)
         self.log(f"{stage}/loss", loss, batch_size=len(y), sync_dist=True)

@@ -15,16 +15,18 @@ from lightning.pytorch.callbacks import EarlyStopping
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 import kd
+from kd.cache import TeacherCache, open_cache
 from kd.compress.base import Compression, compressions
 from kd.compress.deploy import deploy_and_report
 from kd.compress.report import format_report
 from kd.errors import ConfigError, check_int, instantiate_checked
+from kd.features import FeatureExtractor
 from kd.fit import build_optimization, fit
 from kd.loggers import finish_loggers, start_loggers
 from kd.method import prepare_method
 from kd.models.build import build_model, count_parameters
 from kd.results import RESULTS_FILE, STUDENT_WEIGHTS, git_info, save_atomic, summary_table, write_json_atomic
-from kd.teacher import resolve_teacher
+from kd.teacher import multi_process_launch, resolve_teacher
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +165,26 @@ def check_compression(
             )
 
 
+def teacher_cache(cfg: DictConfig, teacher_fx: FeatureExtractor | None, datamodule: Any, trainer: L.Trainer) -> TeacherCache:
+    """Opens (building when missing) the cache of the teacher's outputs on the training split.
+
+    Built on the run's GPU when it has one, before training, by one process: inside a
+    multi-process launch a missing cache is refused, as a missing teacher is.
+
+    Raises:
+        ConfigError: See ``kd.cache.open_cache``.
+    """
+    assert teacher_fx is not None
+    node = cfg.teacher_cache
+    datamodule.setup("fit")
+    device = trainer.strategy.root_device
+    return open_cache(
+        teacher_fx, datamodule.splits["train"] if hasattr(datamodule, "splits") else None, node.dir,
+        dtype=node.dtype, batch_size=int(node.batch_size), max_gb=float(node.max_gb), verify=int(node.verify),
+        device=device if device.type == "cuda" else "cpu", build=not multi_process_launch(), data_key="data",
+    )
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Runs one experiment: builds and checks everything, gets a teacher, trains, tests, reports.
 
@@ -214,6 +236,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if teacher is not None:
         teacher, teacher_info = resolve_teacher(cfg, datamodule, net=teacher)
 
+    cache = None
+    if teacher is not None and cfg.teacher_cache.enabled:
+        cache = teacher_cache(cfg, features[1], datamodule, trainer)
+
     # Data order and dropout must not depend on whether the teacher was trained in this run.
     L.seed_everything(seed, workers=True, verbose=False)
     resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -226,6 +252,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             enable_checkpointing=False, limit_val_batches=0, num_sanity_val_steps=0,
             **stage_strategy(cfg),
         ),
+        teacher_cache=cache, channels_last=bool(cfg.speed.channels_last), compile=bool(cfg.speed.compile),
     )
     weights = output_dir / STUDENT_WEIGHTS
     student = result.module.student  # the compression callbacks may have replaced it

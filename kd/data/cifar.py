@@ -1,5 +1,6 @@
 """CIFAR-10 and CIFAR-100 through torchvision, held in memory as uint8, with the standard
-augmentation (4-px pad + random 32 crop + horizontal flip, ``transforms.v2``) on training images.
+augmentation (4-px pad + random 32 crop + horizontal flip, drawn as one of 162 views, ``kd.data.views``)
+on training images.
 
 50,000 training and 10,000 test images of 32x32. A validation split of ``val_size`` images is
 carved from the training set (stratified, fixed ``split_seed``), so model selection never sees
@@ -11,12 +12,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch import Tensor
-from torch.utils.data import Dataset
 from torchvision.datasets import CIFAR10, CIFAR100
-from torchvision.transforms import v2
 
 from kd.data.splits import SplitDataModule
+from kd.data.views import ImageViews, PadCrop
 from kd.errors import ConfigError, check_int
 
 # per-channel mean and std of the training images in [0, 1] (CIFAR-100: the CRD code's values)
@@ -42,36 +41,6 @@ def _present_only(cls: type[CIFAR10]) -> type[CIFAR10]:
 _DATASETS = {"cifar10": _present_only(CIFAR10), "cifar100": _present_only(CIFAR100)}
 
 
-class AugmentedImages(Dataset):
-    """uint8 images ``(N, 3, H, W)`` as normalised float, through an optional uint8 transform.
-
-    Args:
-        images: ``(N, 3, H, W)`` uint8.
-        targets: ``(N,)`` labels.
-        mean: Per-channel mean of the images in ``[0, 1]``.
-        std: Per-channel std.
-        transform: A ``transforms.v2`` transform on one uint8 image, or None.
-    """
-
-    def __init__(self, images: Tensor, targets: Tensor, mean: tuple[float, ...], std: tuple[float, ...],
-                 transform: v2.Transform | None = None) -> None:
-        self.images = images
-        self.targets = targets
-        self.mean = torch.tensor(mean).view(-1, 1, 1)
-        self.std = torch.tensor(std).view(-1, 1, 1)
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, i: int) -> dict[str, Tensor | int]:
-        x = self.images[i]  # (3, H, W) uint8
-        if self.transform is not None:
-            x = self.transform(x)
-        x = (x.float() / 255.0 - self.mean) / self.std
-        return {"input": x, "target": self.targets[i], "index": i}
-
-
 class CIFARDataModule(SplitDataModule):
     """CIFAR-10 or CIFAR-100: train / val (carved from train) / test, in memory.
 
@@ -85,6 +54,8 @@ class CIFARDataModule(SplitDataModule):
         augment: Pad-crop-flip on training images.
         download: Fetch the data with torchvision when it is missing.
         num_workers: DataLoader workers.
+        fast: Serve whole batches sliced from the in-memory images (``kd.data.fast``), on the
+            GPU when training on one, instead of a DataLoader making each sample alone.
 
     Raises:
         ConfigError: On bad sizes or an unknown dataset; when the data is missing (at setup),
@@ -104,6 +75,7 @@ class CIFARDataModule(SplitDataModule):
         augment: bool = True,
         download: bool = False,
         num_workers: int = 0,
+        fast: bool = False,
     ) -> None:
         super().__init__()
         if dataset not in _DATASETS:
@@ -119,7 +91,8 @@ class CIFARDataModule(SplitDataModule):
         self.eval_batch_size = eval_batch_size or 4 * batch_size
         self.val_size, self.split_seed = val_size, split_seed
         self.augment, self.download, self.num_workers = augment, download, num_workers
-        self.splits: dict[str, AugmentedImages] = {}
+        self.fast = bool(fast)
+        self.splits: dict[str, ImageViews] = {}
 
     def _load(self, train: bool) -> CIFAR10:
         cls = _DATASETS[self.dataset]
@@ -142,10 +115,10 @@ class CIFARDataModule(SplitDataModule):
         images = torch.from_numpy(train.data).permute(0, 3, 1, 2).contiguous()  # (N, 3, 32, 32) uint8
         targets = torch.as_tensor(labels, dtype=torch.long)
         mean, std = STATS[self.dataset]
-        augment = v2.Compose([v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip()]) if self.augment else None
+        augment = PadCrop(padding=4, flip=True) if self.augment else None  # 162 views
         test_images = torch.from_numpy(test.data).permute(0, 3, 1, 2).contiguous()
         self.splits = {
-            "train": AugmentedImages(images[parts["train"]], targets[parts["train"]], mean, std, augment),
-            "val": AugmentedImages(images[parts["val"]], targets[parts["val"]], mean, std),
-            "test": AugmentedImages(test_images, torch.as_tensor(test.targets, dtype=torch.long), mean, std),
+            "train": ImageViews(images[parts["train"]], targets[parts["train"]], mean, std, augment),
+            "val": ImageViews(images[parts["val"]], targets[parts["val"]], mean, std),
+            "test": ImageViews(test_images, torch.as_tensor(test.targets, dtype=torch.long), mean, std),
         }

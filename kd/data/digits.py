@@ -29,6 +29,8 @@ class DigitsDataModule(SplitDataModule):
         test_fraction: Share of all samples held out for the final test.
         split_seed: Seed of the split (not of training).
         num_workers: DataLoader workers; 0 is fastest for data this small.
+        fast: Serve whole batches sliced from the in-memory tensors (``kd.data.fast``), on the
+            GPU when training on one, instead of a DataLoader making each sample alone.
 
     Raises:
         ConfigError: On a non-positive batch size or fractions that do not leave a training set.
@@ -45,6 +47,7 @@ class DigitsDataModule(SplitDataModule):
         test_fraction: float = 0.2,
         split_seed: int = 0,
         num_workers: int = 0,
+        fast: bool = False,
     ) -> None:
         super().__init__()
         for name, value, low in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0), ("split_seed", split_seed, 0)):
@@ -54,6 +57,7 @@ class DigitsDataModule(SplitDataModule):
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or 4 * batch_size
         self.num_workers = num_workers
+        self.fast = bool(fast)
         self.fractions = {"train": 0.0, "val": val_fraction, "test": test_fraction}
         self.split_seed = split_seed
         stratified_split(np.arange(20) % 2, self.fractions, 0)  # checks the fractions now

@@ -9,44 +9,12 @@ selection never sees the test set. Read with ``torchvision.datasets.MNIST`` from
 from __future__ import annotations
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import Tensor
-from torch.utils.data import Dataset
 
 from kd.data.splits import SplitDataModule
+from kd.data.views import ImageViews, PadCrop
 from kd.errors import ConfigError, check_int
 
 MEAN, STD = 0.1307, 0.3081  # of the MNIST training images, in [0, 1]
-
-
-class ShiftedImages(Dataset):
-    """uint8 images ``(N, H, W)`` as normalised float ``(1, H, W)``, optionally shifted at random.
-
-    Args:
-        images: ``(N, H, W)`` uint8.
-        targets: ``(N,)`` labels.
-        jitter: Largest shift in pixels along each axis (0: none); the image moves by a random
-            integer offset in ``[-jitter, jitter]`` with zero fill, as Hinton et al. 2015 jittered
-            the teacher's inputs by up to 2 px.
-    """
-
-    def __init__(self, images: Tensor, targets: Tensor, jitter: int = 0) -> None:
-        self.images = images
-        self.targets = targets
-        self.jitter = jitter
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, i: int) -> dict[str, Tensor | int]:
-        x = self.images[i].unsqueeze(0).float().div_(255.0)  # (1, H, W)
-        if self.jitter:
-            j = self.jitter
-            dy, dx = (int(v) for v in torch.randint(-j, j + 1, (2,)))
-            h, w = x.shape[-2:]
-            x = F.pad(x, (j, j, j, j))[:, j - dy : j - dy + h, j - dx : j - dx + w]
-        return {"input": (x - MEAN) / STD, "target": self.targets[i], "index": i}
 
 
 class MNISTDataModule(SplitDataModule):
@@ -61,6 +29,8 @@ class MNISTDataModule(SplitDataModule):
         jitter: Random shift of training images, up to this many pixels (0: none).
         download: Fetch the data with torchvision when it is missing.
         num_workers: DataLoader workers.
+        fast: Serve whole batches sliced from the in-memory tensors (``kd.data.fast``), on the
+            GPU when training on one, instead of a DataLoader making each sample alone.
 
     Raises:
         ConfigError: On bad sizes; when the data is missing (at setup), with the path expected.
@@ -79,6 +49,7 @@ class MNISTDataModule(SplitDataModule):
         jitter: int = 0,
         download: bool = False,
         num_workers: int = 0,
+        fast: bool = False,
     ) -> None:
         super().__init__()
         for name, value, low in (("batch_size", batch_size, 1), ("val_size", val_size, 1),
@@ -94,7 +65,8 @@ class MNISTDataModule(SplitDataModule):
         self.jitter = jitter
         self.download = download
         self.num_workers = num_workers
-        self.splits: dict[str, ShiftedImages] = {}
+        self.fast = bool(fast)
+        self.splits: dict[str, ImageViews] = {}
 
     def _load(self, train: bool):  # noqa: ANN202 - a torchvision MNIST
         from torchvision.datasets import MNIST
@@ -115,9 +87,11 @@ class MNISTDataModule(SplitDataModule):
         labels = np.asarray(train.targets)
         parts = self.carve_val(labels, self.val_size, self.split_seed)
         self.split_indices = parts
-        images, targets = train.data, train.targets.long()  # (N, 28, 28) uint8, (N,)
+        images, targets = train.data.unsqueeze(1), train.targets.long()  # (N, 1, 28, 28) uint8, (N,)
+        # Hinton's jitter: a shift in [-jitter, jitter] px with zero fill, (2 jitter + 1)^2 views
+        jitter = PadCrop(padding=self.jitter, flip=False) if self.jitter else None
         self.splits = {
-            "train": ShiftedImages(images[parts["train"]], targets[parts["train"]], self.jitter),
-            "val": ShiftedImages(images[parts["val"]], targets[parts["val"]]),
-            "test": ShiftedImages(test.data, test.targets.long()),
+            "train": ImageViews(images[parts["train"]], targets[parts["train"]], (MEAN,), (STD,), jitter),
+            "val": ImageViews(images[parts["val"]], targets[parts["val"]], (MEAN,), (STD,)),
+            "test": ImageViews(test.data.unsqueeze(1), test.targets.long(), (MEAN,), (STD,)),
         }

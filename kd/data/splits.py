@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import lightning as L
 import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from kd.data.fast import BatchLoader
 from kd.data.tensor import stratified_split
 from kd.errors import ConfigError
 
@@ -22,6 +25,7 @@ class SplitDataModule(L.LightningDataModule):
 
     provides_index = True  # batch["index"]: position in the training split
     pin_memory = False
+    fast = False  # kd.data.fast.BatchLoader instead of a DataLoader
     batch_size: int
     eval_batch_size: int
     num_workers: int
@@ -41,7 +45,28 @@ class SplitDataModule(L.LightningDataModule):
         self.setup("fit")
         return self.splits["train"].targets
 
-    def _loader(self, split: str, train: bool) -> DataLoader:
+    def _device(self) -> torch.device:
+        """Where the fast path keeps the data: the trainer's GPU when there is one, else the CPU."""
+        trainer = getattr(self, "trainer", None)
+        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        return device if device.type == "cuda" else torch.device("cpu")
+
+    def _fast_loader(self, split: str, train: bool) -> BatchLoader:
+        trainer = getattr(self, "trainer", None)
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        device = self._device()
+        moved: dict[tuple[str, str], Any] = self.__dict__.setdefault("_moved_splits", {})
+        key = (split, str(device))
+        if key not in moved:  # moved once, reused every epoch
+            moved[key] = self.splits[split].to(device)
+        return BatchLoader(
+            moved[key], self.batch_size if train else self.eval_batch_size, shuffle=train,
+            seed=torch.initial_seed() % 2**62, rank=rank, world_size=world,
+        )
+
+    def _loader(self, split: str, train: bool) -> DataLoader | BatchLoader:
+        if getattr(self, "fast", False):
+            return self._fast_loader(split, train)
         return DataLoader(
             self.splits[split], batch_size=self.batch_size if train else self.eval_batch_size,
             shuffle=train, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,

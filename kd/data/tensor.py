@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
@@ -30,8 +32,32 @@ class IndexedTensorDataset(Dataset):
     def __len__(self) -> int:
         return len(self.targets)
 
+    num_views = 1  # no augmentation: each sample is one input
+
+    def spec(self) -> dict[str, Any]:
+        """How inputs are made from the stored tensors, for cache keys: as stored."""
+        return {"normalize": None, "views": None}
+
+    def to(self, device: torch.device | str) -> IndexedTensorDataset:
+        """The same dataset with its tensors on ``device``."""
+        return IndexedTensorDataset(self.inputs.to(device), self.targets.to(device))
+
+    def draw_views(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """``(n,)`` zeros: the one view."""
+        return torch.zeros(n, dtype=torch.long)
+
+    def render(self, index: Tensor, views: Tensor) -> Tensor:
+        """The inputs ``(B, ...)`` of samples ``index`` (``views`` are all 0)."""
+        return self.inputs[index.to(self.inputs.device)]
+
+    def batch(self, index: Tensor, views: Tensor) -> dict[str, Tensor]:
+        """A batch as every kd datamodule yields it."""
+        index = index.to(self.inputs.device)
+        return {"input": self.inputs[index], "target": self.targets[index], "index": index,
+                "view": views.to(self.inputs.device)}
+
     def __getitem__(self, i: int) -> dict[str, Tensor | int]:
-        return {"input": self.inputs[i], "target": self.targets[i], "index": i}
+        return {"input": self.inputs[i], "target": self.targets[i], "index": i, "view": 0}
 
 
 def stratified_split(

@@ -38,7 +38,7 @@ def test_splits_shapes_and_a_val_split_fixed_by_its_seed(tmp_path: Path) -> None
 def test_jitter_shifts_training_images_only_by_at_most_its_pixels(tmp_path: Path) -> None:
     dm = MNISTDataModule(root=str(write_mnist(tmp_path)), val_size=40, jitter=2)
     dm.setup()
-    raw = dm.splits["train"].images[0].float() / 255.0
+    raw = dm.splits["train"].images[0, 0].float() / 255.0
     plain = (raw - MEAN) / STD
     torch.manual_seed(0)
     seen = set()
@@ -52,7 +52,7 @@ def test_jitter_shifts_training_images_only_by_at_most_its_pixels(tmp_path: Path
     val0 = dm.splits["val"][0]["input"]
     assert torch.equal(val0, dm.splits["val"][0]["input"])  # no augmentation outside training
     test0 = dm.splits["test"][0]["input"][0]
-    assert torch.allclose(test0, (dm.splits["test"].images[0].float() / 255.0 - MEAN) / STD)
+    assert torch.allclose(test0, (dm.splits["test"].images[0, 0].float() / 255.0 - MEAN) / STD)
 
 
 def test_missing_data_fails_with_the_path_and_how_to_get_it(tmp_path: Path) -> None:

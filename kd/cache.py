@@ -1,0 +1,354 @@
+"""An exact cache of the frozen teacher's outputs on every view of every training sample.
+
+The teacher is frozen and runs in eval mode, so its output on a training input is a function of
+the input alone. When the inputs come from a finite set (no augmentation: one view per sample;
+CIFAR's pad-crop-flip: 162; Hinton's MNIST jitter: 25, see ``kd.data.views``) the teacher can
+run once on each ``(index, view)`` and every later step, epoch, run and sweep reads its logits
+(and the features the method needs, when they fit) instead of running it again. In KD the
+teacher's forward is most of a step (resnet32x4 -> resnet8x4: about twice the student's whole
+training step), so this is the largest saving there is.
+
+An entry is keyed by a SHA-256 of everything that decides its content: the teacher's class and
+every tensor of its state_dict, the feature nodes, the stored data (every byte of the training
+split's images and labels), how inputs are made from them (normalisation, the views), the
+storage dtype and the format. A cache built for one teacher, dataset or transform therefore
+lives in another directory and is never read for another. Entries are written to a temporary
+directory and renamed into place under a file lock (like the teacher store, ``kd.teacher``); on
+opening, a complete entry is checked against its key, its array shapes and a few outputs the
+teacher recomputes, and a mismatch is refused with what to delete.
+
+Stored as ``.npy`` arrays ``(N, V, ...)`` (float16 by default: the logits to about 3 significant
+digits, 2 bytes each) opened memory-mapped, so runs share the pages and nothing is loaded
+whole; on a GPU the arrays are copied to device memory once when they fit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from filelock import FileLock
+from torch import Tensor
+
+from kd.errors import ConfigError
+from kd.features import FeatureExtractor
+from kd.outputs import ModelOutput
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1
+_DTYPES = {"float16": np.float16, "float32": np.float32}
+
+
+def _hash_tensor(h: Any, t: Tensor) -> None:
+    t = t.detach().cpu().contiguous()
+    h.update(f"{tuple(t.shape)}|{t.dtype}|".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def teacher_fingerprint(model: torch.nn.Module) -> str:
+    """SHA-256 of a model's class and every parameter and buffer (names, shapes, dtypes, bytes)."""
+    h = hashlib.sha256(f"{type(model).__module__}.{type(model).__qualname__}".encode())
+    for name, tensor in model.state_dict().items():
+        h.update(name.encode())
+        _hash_tensor(h, tensor)
+    return h.hexdigest()
+
+
+def data_fingerprint(dataset: Any) -> str:
+    """SHA-256 of a training split's stored inputs and labels and of how inputs are made from them."""
+    stored = dataset.images if hasattr(dataset, "images") else dataset.inputs
+    h = hashlib.sha256(f"{type(dataset).__qualname__}|{json.dumps(dataset.spec(), sort_keys=True)}|".encode())
+    _hash_tensor(h, stored)
+    _hash_tensor(h, dataset.targets)
+    return h.hexdigest()
+
+
+def check_cacheable(dataset: Any, data_key: str) -> None:
+    """Refuses a training split whose inputs are not a finite set of views.
+
+    Raises:
+        ConfigError: If the split cannot render ``(index, view)`` pairs (e.g. RandomResizedCrop).
+    """
+    if not all(hasattr(dataset, a) for a in ("render", "num_views", "spec", "targets")):
+        raise ConfigError(
+            "teacher_cache.enabled", f"the training inputs of {data_key} are not a finite set of views "
+            f"({type(dataset).__name__}: e.g. RandomResizedCrop draws from an infinite set), so no "
+            "exact cache exists; set teacher_cache.enabled=false"
+        )
+
+
+class TeacherCache:
+    """The stored outputs of one teacher on every ``(index, view)`` of one training split.
+
+    Args:
+        directory: The entry's directory (holding ``meta.json`` and the arrays).
+        meta: Its ``meta.json``.
+    """
+
+    def __init__(self, directory: Path, meta: dict[str, Any]) -> None:
+        self.directory = Path(directory)
+        self.meta = meta
+        self.num_samples, self.num_views = int(meta["num_samples"]), int(meta["num_views"])
+        self.feature_names: list[str] = list(meta["features"])
+        self._arrays: dict[str, Any] | None = None  # opened lazily; never pickled (ddp_spawn)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_arrays"] = None if not self._on_device() else state["_arrays"]
+        return state
+
+    def _on_device(self) -> bool:
+        return self._arrays is not None and any(isinstance(a, Tensor) for a in self._arrays.values())
+
+    def _files(self) -> dict[str, Path]:
+        files = {"logits": self.directory / "logits.npy"}
+        files.update({name: self.directory / f"feature_{i}.npy" for i, name in enumerate(self.feature_names)})
+        return files
+
+    @property
+    def arrays(self) -> dict[str, Any]:
+        """The stored arrays ``(N, V, ...)`` by name (``logits`` and each feature node), memory-mapped."""
+        if self._arrays is None:
+            self._arrays = {name: np.load(path, mmap_mode="r") for name, path in self._files().items()}
+        return self._arrays
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all stored arrays."""
+        return sum(int(a.nbytes) if isinstance(a, np.ndarray) else a.numel() * a.element_size()
+                   for a in self.arrays.values())
+
+    def to(self, device: torch.device | str) -> TeacherCache:
+        """Copies the arrays into ``device`` memory (a GPU), so lookups are one gather there."""
+        device = torch.device(device)
+        if device.type != "cpu":
+            self._arrays = {name: torch.from_numpy(np.ascontiguousarray(a)).to(device) if isinstance(a, np.ndarray)
+                            else a.to(device) for name, a in self.arrays.items()}
+        return self
+
+    def lookup(self, index: Tensor, view: Tensor) -> ModelOutput:
+        """The teacher's stored outputs for samples ``index`` ``(B,)`` in views ``view`` ``(B,)``, as float32.
+
+        Returns:
+            Logits ``(B, num_classes)`` and the stored features, on ``index``'s device.
+        """
+        device = index.device
+        out: dict[str, Tensor] = {}
+        for name, array in self.arrays.items():
+            if isinstance(array, Tensor):
+                rows = array[index.to(array.device), view.to(array.device)]  # (B, ...)
+            else:
+                rows = torch.from_numpy(array[index.cpu().numpy(), view.cpu().numpy()])  # (B, ...), a copy
+            out[name] = rows.to(device=device, dtype=torch.float32, non_blocking=True)
+        logits = out.pop("logits")
+        return ModelOutput(logits, out)
+
+
+def cache_key(teacher: FeatureExtractor, dataset: Any, dtype: str) -> tuple[str, dict[str, Any]]:
+    """The entry name and the description its digest is taken of."""
+    keyed = {
+        "format": CACHE_FORMAT,
+        "teacher": {"class": type(teacher.model).__qualname__, "sha256": teacher_fingerprint(teacher.model),
+                    "nodes": list(teacher.nodes), "precision": "32-true"},
+        "data": {"class": type(dataset).__qualname__, "sha256": data_fingerprint(dataset), "spec": dataset.spec(),
+                 "num_samples": len(dataset), "num_views": int(dataset.num_views)},
+        "dtype": dtype,
+    }
+    digest = hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()
+    return f"{type(teacher.model).__name__.lower()}-{digest[:16]}", {**keyed, "sha256": digest}
+
+
+@torch.inference_mode()
+def _teacher_outputs(teacher: FeatureExtractor, dataset: Any, index: Tensor, views: Tensor,
+                     device: torch.device) -> ModelOutput:
+    x = dataset.render(index, views).to(device)  # (B, ...)
+    return teacher(x)
+
+
+def open_cache(
+    teacher: FeatureExtractor,
+    dataset: Any,
+    directory: str | Path,
+    *,
+    dtype: str = "float16",
+    batch_size: int = 512,
+    max_gb: float = 16.0,
+    verify: int = 16,
+    device: torch.device | str = "cpu",
+    build: bool = True,
+    data_key: str = "data",
+) -> TeacherCache:
+    """Opens the cache of ``teacher`` on ``dataset``, building it first when there is none.
+
+    Args:
+        teacher: The frozen teacher's feature extractor (its nodes are stored with the logits).
+        dataset: The training split: renders ``(index, view)`` (``kd.data.views.ImageViews``,
+            ``kd.data.tensor.IndexedTensorDataset``).
+        directory: Where caches live (one subdirectory per key).
+        dtype: ``float16`` or ``float32`` storage.
+        batch_size: Inputs per teacher forward while building.
+        max_gb: Refuse to build an entry larger than this.
+        verify: How many random ``(index, view)`` outputs the teacher recomputes to check an
+            existing entry (0: none).
+        device: Where the teacher runs while building and verifying.
+        build: Build a missing entry (False: refuse, e.g. inside a multi-process launch).
+        data_key: The config key of the data, for errors.
+
+    Returns:
+        The opened cache.
+
+    Raises:
+        ConfigError: On a dataset without finite views, a bad dtype, an entry larger than
+            ``max_gb``, a missing entry when ``build`` is False, or an entry that disagrees with
+            its key or with the teacher.
+    """
+    check_cacheable(dataset, data_key)
+    if dtype not in _DTYPES:
+        raise ConfigError("teacher_cache.dtype", f"must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+    if not max_gb > 0:
+        raise ConfigError("teacher_cache.max_gb", f"must be > 0, got {max_gb}")
+    device = torch.device(device)
+    name, keyed = cache_key(teacher, dataset, dtype)
+    root = Path(directory)
+    entry = root / name
+    if not (entry / "meta.json").is_file():
+        if not build:
+            raise ConfigError(
+                "teacher_cache.enabled", f"no teacher cache at {entry}, and kd does not build one inside a "
+                "multi-process launch; run the same command once on a single device first, or set "
+                "teacher_cache.enabled=false"
+            )
+        root.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(root / f"{name}.lock")):
+            if not (entry / "meta.json").is_file():  # another run may have built it meanwhile
+                _build(teacher, dataset, entry, keyed, dtype=dtype, batch_size=batch_size, max_gb=max_gb, device=device)
+    cache = _open_checked(entry, keyed)
+    if verify:
+        _verify(cache, teacher, dataset, verify, device)
+    log.info("teacher cache %s: %d samples x %d views, %.1f MB", entry, cache.num_samples, cache.num_views,
+             cache.nbytes / 1e6)
+    return cache
+
+
+def _open_checked(entry: Path, keyed: dict[str, Any]) -> TeacherCache:
+    fix = f"delete {entry} to rebuild it"
+    try:
+        meta = json.loads((entry / "meta.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError("teacher_cache", f"cannot read {entry / 'meta.json'} ({e}); {fix}") from None
+    if meta.get("key", {}).get("sha256") != keyed["sha256"]:
+        raise ConfigError("teacher_cache", f"{entry} was built for another teacher, data or transform "
+                          f"(its key differs from this run's); {fix}")
+    cache = TeacherCache(entry, meta)
+    for name, array in _load_arrays(cache, fix).items():
+        want = (cache.num_samples, cache.num_views, *meta["shapes"][name])
+        if tuple(array.shape) != want or array.dtype != _DTYPES[meta["key"]["dtype"]]:
+            raise ConfigError("teacher_cache", f"{entry}: {name} is {tuple(array.shape)} {array.dtype}, "
+                              f"expected {want} {meta['key']['dtype']}; {fix}")
+    return cache
+
+
+def _load_arrays(cache: TeacherCache, fix: str) -> dict[str, Any]:
+    try:
+        return cache.arrays
+    except (OSError, ValueError) as e:
+        raise ConfigError("teacher_cache", f"cannot read the arrays of {cache.directory} ({e}); {fix}") from None
+
+
+def _verify(cache: TeacherCache, teacher: FeatureExtractor, dataset: Any, count: int, device: torch.device) -> None:
+    """Recomputes ``count`` random stored outputs with the teacher and refuses a cache that disagrees."""
+    g = torch.Generator().manual_seed(int(time.time_ns() % 2**31))
+    index = torch.randint(cache.num_samples, (count,), generator=g)
+    views = torch.randint(cache.num_views, (count,), generator=g)
+    model = teacher.model
+    was_training, before = model.training, next(model.parameters(), torch.empty(0)).device
+    model.eval().to(device)
+    try:
+        fresh = _teacher_outputs(teacher, dataset, index, views, device)
+    finally:
+        model.to(before).train(was_training)
+    stored = cache.lookup(index, views)
+    pairs = [("logits", stored.logits, fresh.logits)] + [(n, stored.features[n], fresh.features[n]) for n in cache.feature_names]
+    tol = 2.0**-10 if cache.meta["key"]["dtype"] == "float16" else 1e-5  # float16 keeps 11 significant bits
+    for name, s, f in pairs:
+        f = f.float().cpu()
+        bad = (s.cpu() - f).abs() > tol * f.abs() + 1e-4
+        if bad.any():
+            raise ConfigError(
+                "teacher_cache", f"{cache.directory} disagrees with the teacher on {name} "
+                f"(max difference {float((s.cpu() - f).abs().max()):.3g} over {count} spot-checked views); "
+                f"delete {cache.directory} to rebuild it"
+            )
+
+
+def _build(teacher: FeatureExtractor, dataset: Any, entry: Path, keyed: dict[str, Any], *, dtype: str,
+           batch_size: int, max_gb: float, device: torch.device) -> None:
+    """Runs the teacher on every ``(index, view)`` and moves the finished entry to ``entry``.
+
+    Runs under the entry's lock: any temporary directory of this key is a leftover of a crashed
+    build and is removed.
+    """
+    n, v = len(dataset), int(dataset.num_views)
+    model = teacher.model
+    was_training, before = model.training, next(model.parameters(), torch.empty(0)).device
+    model.eval().to(device)
+    try:
+        probe = _teacher_outputs(teacher, dataset, torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long), device)
+        shapes = {"logits": list(probe.logits.shape[1:])}
+        shapes.update({name: list(t.shape[1:]) for name, t in probe.features.items()})
+        itemsize = np.dtype(_DTYPES[dtype]).itemsize
+        size = n * v * sum(math.prod(s) for s in shapes.values()) * itemsize
+        if size > max_gb * 1e9:
+            per_view = {k: math.prod(s) for k, s in shapes.items()}
+            raise ConfigError(
+                "teacher_cache.max_gb", f"the cache would take {size / 1e9:.1f} GB ({n} samples x {v} views x "
+                f"{per_view} values x {itemsize} B) > max_gb={max_gb:g}; raise teacher_cache.max_gb, store "
+                "logits only (a method that reads fewer teacher features) or set teacher_cache.enabled=false"
+            )
+        for stale in entry.parent.glob(f".{entry.name}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = entry.with_name(f".{entry.name}.tmp-{os.getpid()}")
+        tmp.mkdir(parents=True)
+        names = ["logits", *probe.features]
+        files = {"logits": "logits.npy", **{name: f"feature_{i}.npy" for i, name in enumerate(probe.features)}}
+        stored = {name: np.lib.format.open_memmap(tmp / files[name], mode="w+", dtype=_DTYPES[dtype],
+                                                  shape=(n, v, *shapes[name])) for name in names}
+        arrays = {name: a.reshape(n * v, *shapes[name]) for name, a in stored.items()}  # views, in (index, view) order
+        log.info("building the teacher cache %s: %d samples x %d views = %d teacher forwards (%.1f MB)",
+                 entry, n, v, n * v, size / 1e6)
+        start, reported = time.time(), 0.0
+        for lo in range(0, n * v, batch_size):
+            flat = torch.arange(lo, min(lo + batch_size, n * v))
+            out = _teacher_outputs(teacher, dataset, flat // v, flat % v, device)
+            arrays["logits"][lo : lo + len(flat)] = out.logits.float().cpu().numpy()
+            for name in names[1:]:
+                arrays[name][lo : lo + len(flat)] = out.features[name].float().cpu().numpy()
+            done = (lo + len(flat)) / (n * v)
+            if done - reported >= 0.1 or done == 1.0:
+                reported = done
+                log.info("teacher cache: %3.0f%% (%.0f s)", 100 * done, time.time() - start)
+        for array in stored.values():
+            array.flush()
+        del arrays, stored
+    finally:
+        model.to(before).train(was_training)
+    meta = {
+        "key": keyed, "num_samples": n, "num_views": v, "features": names[1:], "shapes": shapes,
+        "teacher_forwards": n * v, "build_time_s": round(time.time() - start, 2),
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"), "device": str(device),
+    }
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    if entry.exists():  # an incomplete entry (no meta.json): replace it
+        shutil.rmtree(entry)
+    os.replace(tmp, entry)
+    log.info("teacher cache %s built in %.0f s", entry, meta["build_time_s"])

@@ -1,0 +1,138 @@
+"""Augmentation drawn as an index: the finite set of views of an image, rendered exactly in batches.
+
+CIFAR's training augmentation (pad 4 px with zeros, random 32 x 32 crop, random horizontal flip)
+has 9 x 9 crop offsets x 2 flips = 162 views per image; Hinton's MNIST jitter (a shift of up to
+2 px with zero fill) has 5 x 5 = 25. Drawing the view as an integer and rendering it with
+``PadCrop.apply`` gives the same distribution as ``v2.RandomCrop(32, padding=4)`` followed by
+``v2.RandomHorizontalFlip()``, and makes every training input nameable by ``(index, view)``:
+what the teacher-output cache (``kd.cache``) is keyed on. Rendering works on whole batches of
+uint8 images (on any device), with no per-sample PIL or ``transforms`` work.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+
+class PadCrop:
+    """Zero-pad by ``padding`` px, crop back to the image size at one of the offsets, maybe flip.
+
+    View ``v`` is decoded as ``flip = v % 2`` (when ``flip``), then ``top, left`` in
+    ``[0, 2 * padding]`` from ``v // 2`` (row-major); ``top = left = padding`` is the plain image.
+
+    Args:
+        padding: Pad width in px (CIFAR: 4; Hinton's MNIST jitter: 2).
+        flip: Whether a horizontal flip is part of the view.
+    """
+
+    def __init__(self, padding: int, flip: bool) -> None:
+        if padding < 0:
+            raise ValueError(f"padding must be >= 0, got {padding}")
+        self.padding = padding
+        self.flip = flip
+        self.offsets = 2 * padding + 1
+        self.num_views = self.offsets**2 * (2 if flip else 1)
+
+    def spec(self) -> dict[str, Any]:
+        """What decides the views, for cache keys."""
+        return {"kind": "pad_crop", "padding": self.padding, "flip": self.flip, "fill": 0}
+
+    def decode(self, views: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(top, left, flipped)`` of each view, each ``(B,)``."""
+        flipped = (views % 2).bool() if self.flip else torch.zeros_like(views, dtype=torch.bool)
+        offset = views // 2 if self.flip else views
+        return offset // self.offsets, offset % self.offsets, flipped
+
+    def apply(self, images: Tensor, views: Tensor) -> Tensor:
+        """Renders view ``views[b]`` of ``images[b]``.
+
+        Args:
+            images: ``(B, C, H, W)`` of any dtype.
+            views: ``(B,)`` integers in ``[0, num_views)``.
+
+        Returns:
+            ``(B, C, H, W)``, the same dtype and device as ``images``.
+        """
+        b, c, h, w = images.shape
+        p = self.padding
+        views = views.to(images.device, torch.long)
+        top, left, flipped = self.decode(views)
+        padded = torch.nn.functional.pad(images, (p, p, p, p))  # (B, C, H + 2p, W + 2p), zero fill
+        ar_h = torch.arange(h, device=images.device)
+        ar_w = torch.arange(w, device=images.device)
+        rows = top[:, None] + ar_h  # (B, H)
+        cols = left[:, None] + torch.where(flipped[:, None], w - 1 - ar_w, ar_w)  # (B, W)
+        bi = torch.arange(b, device=images.device)[:, None, None, None]
+        ci = torch.arange(c, device=images.device)[None, :, None, None]
+        return padded[bi, ci, rows[:, None, :, None], cols[:, None, None, :]]  # (B, C, H, W)
+
+
+class ImageViews(Dataset):
+    """uint8 images held in memory, served as normalised float in one of their views.
+
+    ``render(index, views)`` is the one place inputs are made: ``__getitem__`` (the DataLoader
+    path) draws a view and renders one image, ``kd.data.fast.BatchLoader`` renders whole batches,
+    and the teacher-output cache enumerates every ``(index, view)`` through it.
+
+    Args:
+        images: ``(N, C, H, W)`` uint8.
+        targets: ``(N,)`` labels.
+        mean: Per-channel mean of the images in ``[0, 1]``.
+        std: Per-channel std.
+        augment: The views of a training split, or None (one view: the image itself).
+    """
+
+    def __init__(self, images: Tensor, targets: Tensor, mean: tuple[float, ...], std: tuple[float, ...],
+                 augment: PadCrop | None = None) -> None:
+        if images.dim() != 4 or images.dtype != torch.uint8:
+            raise ValueError(f"images must be (N, C, H, W) uint8, got {tuple(images.shape)} {images.dtype}")
+        if len(images) != len(targets):
+            raise ValueError(f"{len(images)} images but {len(targets)} targets")
+        self.images = images
+        self.targets = targets
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        self.augment = augment
+        self.num_views = augment.num_views if augment is not None else 1
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def spec(self) -> dict[str, Any]:
+        """How inputs are made from the stored images, for cache keys."""
+        return {"normalize": [self.mean, self.std], "views": self.augment.spec() if self.augment else None}
+
+    def to(self, device: torch.device | str) -> ImageViews:
+        """The same dataset with its images and targets on ``device``."""
+        moved = ImageViews(self.images.to(device), self.targets.to(device), self.mean, self.std, self.augment)
+        return moved
+
+    def draw_views(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """``(n,)`` views drawn uniformly (all 0 without augmentation)."""
+        if self.num_views == 1:
+            return torch.zeros(n, dtype=torch.long)
+        return torch.randint(self.num_views, (n,), generator=generator)
+
+    def render(self, index: Tensor, views: Tensor) -> Tensor:
+        """The normalised float inputs ``(B, C, H, W)`` of images ``index`` in views ``views``."""
+        x = self.images[index.to(self.images.device)]  # (B, C, H, W) uint8
+        if self.augment is not None:
+            x = self.augment.apply(x, views)
+        mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
+        return (x.float() / 255.0 - mean) / std
+
+    def batch(self, index: Tensor, views: Tensor) -> dict[str, Tensor]:
+        """A training batch as every kd datamodule yields it, plus the view of each input."""
+        index = index.to(self.images.device)
+        return {"input": self.render(index, views), "target": self.targets[index], "index": index,
+                "view": views.to(self.images.device)}
+
+    def __getitem__(self, i: int) -> dict[str, Tensor | int]:
+        view = self.draw_views(1)
+        x = self.render(torch.tensor([i]), view)[0]
+        return {"input": x, "target": self.targets[i], "index": i, "view": int(view)}

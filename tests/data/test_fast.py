@@ -1,0 +1,86 @@
+"""The fast data path: whole batches rendered from in-memory tensors, sharded like DistributedSampler."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from datagen import write_cifar
+
+from kd.data import CIFARDataModule, DigitsDataModule
+from kd.data.fast import BatchLoader
+from kd.data.views import ImageViews, PadCrop
+
+
+def _views_dataset(n: int = 50) -> ImageViews:
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, 3, 8, 8), dtype=torch.uint8, generator=g)
+    return ImageViews(images, torch.arange(n) % 5, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), PadCrop(2, flip=True))
+
+
+def test_ranks_split_one_permutation_like_distributed_sampler() -> None:
+    data = _views_dataset(51)
+    loaders = [BatchLoader(data, 8, shuffle=True, seed=3, rank=r, world_size=2) for r in range(2)]
+    epochs = [[list(iter(loader)) for loader in loaders] for _ in range(2)]
+    for batches in epochs:
+        assert [len(b) for b in batches] == [4, 4] == [len(loader) for loader in loaders]  # 26 per rank
+        seen = [torch.cat([b["index"] for b in rank]) for rank in batches]
+        assert all(len(s) == 26 for s in seen)
+        union = torch.cat(seen)
+        assert set(union.tolist()) == set(range(51)) and len(union) == 52  # one sample padded in
+        # every batch is rendered from the view it names
+        for rank in batches:
+            for b in rank:
+                torch.testing.assert_close(b["input"], data.render(b["index"], b["view"]))
+                assert torch.equal(b["target"], data.targets[b["index"]])
+    first, second = (torch.cat([b["index"] for b in e[0]]) for e in epochs)
+    assert not torch.equal(first, second)  # a new permutation each epoch
+    views = torch.cat([b["view"] for e in epochs for r in e for b in r])
+    assert views.min() >= 0 and views.max() < data.num_views == 50 and len(views.unique()) > 35
+
+
+def test_evaluation_batches_are_in_order_in_the_plain_view() -> None:
+    data = _views_dataset(20)
+    batches = list(BatchLoader(data, 6, shuffle=False))
+    assert [len(b["index"]) for b in batches] == [6, 6, 6, 2]
+    assert torch.equal(torch.cat([b["index"] for b in batches]), torch.arange(20))
+    assert all(int(b["view"].max()) == 0 for b in batches)
+
+
+def test_view_zero_of_pad_crop_is_the_corner_and_the_centre_view_is_the_image() -> None:
+    pc = PadCrop(2, flip=True)
+    img = torch.arange(2 * 4 * 4, dtype=torch.float32).view(1, 2, 4, 4) + 1
+    centre = (2 * 5 + 2) * 2  # top = left = padding, no flip
+    assert torch.equal(pc.apply(img, torch.tensor([centre])), img)
+    assert torch.equal(pc.apply(img, torch.tensor([centre + 1])), img.flip(-1))
+    corner = pc.apply(img, torch.tensor([0]))  # shifted down and right by 2, zero fill
+    assert torch.equal(corner[0, :, 2:, 2:], img[0, :, :2, :2]) and corner[0, :, :2].abs().sum() == 0
+    with pytest.raises(ValueError, match="padding must be >= 0"):
+        PadCrop(-1, flip=False)
+
+
+def test_datamodules_serve_the_fast_path_with_the_same_batches_as_the_dataloader(tmp_path: Path) -> None:
+    root = write_cifar(tmp_path, dataset="cifar10", n_train=40, n_test=20)
+    fast = CIFARDataModule(root=str(root), dataset="cifar10", val_size=10, batch_size=8, fast=True)
+    slow = CIFARDataModule(root=str(root), dataset="cifar10", val_size=10, batch_size=8)
+    for dm in (fast, slow):
+        dm.setup("fit")
+    loader = fast.train_dataloader()
+    assert isinstance(loader, BatchLoader) and len(loader) == 4
+    batch = next(iter(loader))
+    assert batch["input"].shape == (8, 3, 32, 32) and batch["input"].dtype == torch.float32
+    # the DataLoader path renders the same (index, view) into the same input
+    for k in range(8):
+        i, v = int(batch["index"][k]), int(batch["view"][k])
+        torch.manual_seed(0)
+        item = slow.splits["train"][i]
+        expect = slow.splits["train"].render(torch.tensor([i]), torch.tensor([v]))[0]
+        torch.testing.assert_close(batch["input"][k], expect)
+        assert 0 <= item["view"] < 162
+    val = list(fast.val_dataloader())
+    torch.testing.assert_close(torch.cat([b["input"] for b in val]), torch.stack([slow.splits["val"][i]["input"] for i in range(10)]))
+    digits = DigitsDataModule(fast=True, batch_size=100)
+    digits.setup("fit")
+    d = next(iter(digits.train_dataloader()))
+    assert d["input"].shape == (100, 1, 8, 8) and torch.equal(d["input"], digits.splits["train"].inputs[d["index"]])
