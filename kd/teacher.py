@@ -212,7 +212,7 @@ def _listed(keys: list[str], shown: int = 5) -> str:
     return ", ".join(keys[:shown]) + more
 
 
-def _multi_process_launch() -> bool:
+def multi_process_launch() -> bool:
     """Whether this process is one of several started by torchrun, SLURM or Lightning's DDP."""
     return any(int(os.environ.get(v, "1") or 1) > 1 for v in ("WORLD_SIZE", "SLURM_NTASKS")) or (
         "LOCAL_RANK" in os.environ and os.environ.get("LOCAL_RANK") != "0"
@@ -272,7 +272,7 @@ def resolve_teacher(
                 "teacher.ckpt", f"no teacher given and none stored at {entry}; give "
                 "teacher.ckpt=PATH or set teacher.train_if_missing=true"
             )
-        if _multi_process_launch():
+        if multi_process_launch():
             raise ConfigError(
                 "teacher.ckpt", f"no teacher stored at {entry}, and kd does not train one inside "
                 "a multi-process launch; run the same command once on a single device first "
