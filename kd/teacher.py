@@ -131,7 +131,8 @@ def store_key(tcfg: DictConfig) -> tuple[str, dict[str, Any]]:
     keyed = {
         "format": STORE_FORMAT,
         "model": model,
-        "data": {k: v for k, v in resolved(tcfg.data).items() if k not in _UNKEYED_DATA},
+        "data": {k: v for k, v in resolved(tcfg.data).items() if k not in _UNKEYED_DATA
+                 and not (k == "fast" and not v)},  # the DataLoader path, as before the key existed: same key
         "criterion": resolved(tcfg.distill),
         "optimizer": resolved(tcfg.optimizer),
         "scheduler": resolved(tcfg.get("scheduler")),

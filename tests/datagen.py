@@ -22,11 +22,13 @@ def write_mnist(root: Path, n_train: int = 200, n_test: int = 50, seed: int = 0)
     return root
 
 
-def write_cifar(root: Path, dataset: str = "cifar100", n_train: int = 300, n_test: int = 60, seed: int = 0) -> Path:
+def write_cifar(root: Path, dataset: str = "cifar100", n_train: int = 300, n_test: int = 60, seed: int = 0,
+                labels_used: int | None = None) -> Path:
     """Writes CIFAR python pickles as torchvision reads them (``cifar-100-python/{train,test,meta}``
-    or ``cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}``)."""
+    or ``cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}``). Labels cycle through
+    the first ``labels_used`` classes (default: all)."""
     rng = np.random.default_rng(seed)
-    classes = 100 if dataset == "cifar100" else 10
+    classes = labels_used or (100 if dataset == "cifar100" else 10)
     folder = root / ("cifar-100-python" if dataset == "cifar100" else "cifar-10-batches-py")
     folder.mkdir(parents=True, exist_ok=True)
     label_key = "fine_labels" if dataset == "cifar100" else "labels"

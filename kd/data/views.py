@@ -47,6 +47,15 @@ class PadCrop:
         offset = views // 2 if self.flip else views
         return offset // self.offsets, offset % self.offsets, flipped
 
+    def apply_one(self, image: Tensor, view: int) -> Tensor:
+        """``apply`` for one image ``(C, H, W)`` and one view, by slicing (the DataLoader path)."""
+        h, w = image.shape[-2:]
+        flipped = bool(view % 2) if self.flip else False
+        top, left = divmod(view // 2 if self.flip else view, self.offsets)
+        p = self.padding
+        x = torch.nn.functional.pad(image, (p, p, p, p))[:, top : top + h, left : left + w]  # (C, H, W)
+        return x.flip(-1) if flipped else x
+
     def apply(self, images: Tensor, views: Tensor) -> Tensor:
         """Renders view ``views[b]`` of ``images[b]``.
 
@@ -98,6 +107,8 @@ class ImageViews(Dataset):
         self.std = tuple(float(s) for s in std)
         self.augment = augment
         self.num_views = augment.num_views if augment is not None else 1
+        self._mean = torch.tensor(self.mean).view(-1, 1, 1)  # (C, 1, 1)
+        self._std = torch.tensor(self.std).view(-1, 1, 1)
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -122,9 +133,7 @@ class ImageViews(Dataset):
         x = self.images[index.to(self.images.device)]  # (B, C, H, W) uint8
         if self.augment is not None:
             x = self.augment.apply(x, views)
-        mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
-        return (x.float() / 255.0 - mean) / std
+        return (x.float() / 255.0 - self._mean.to(x.device)) / self._std.to(x.device)
 
     def batch(self, index: Tensor, views: Tensor) -> dict[str, Tensor]:
         """A training batch as every kd datamodule yields it, plus the view of each input."""
@@ -133,6 +142,8 @@ class ImageViews(Dataset):
                 "view": views.to(self.images.device)}
 
     def __getitem__(self, i: int) -> dict[str, Tensor | int]:
-        view = self.draw_views(1)
-        x = self.render(torch.tensor([i]), view)[0]
-        return {"input": x, "target": self.targets[i], "index": i, "view": int(view)}
+        view = int(torch.randint(self.num_views, ())) if self.num_views > 1 else 0
+        x = self.images[i]  # (C, H, W) uint8
+        if self.augment is not None:
+            x = self.augment.apply_one(x, view)
+        return {"input": (x.float() / 255.0 - self._mean) / self._std, "target": self.targets[i], "index": i, "view": view}

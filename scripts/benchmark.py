@@ -1,0 +1,383 @@
+"""Training throughput of kd against the plain PyTorch KD loop of the reference repos, one table.
+
+For each workload, in one process, on generated data of the real shapes and on-disk formats:
+
+(i)   plain: the loop of RepDistiller / mdistiller: a torchvision dataset read from its files with
+      PIL transforms in a DataLoader, fp32, the teacher's forward at every step (``no_grad``),
+      KD loss, SGD;
+(ii)  kd's default path: the experiment's composed config, ``DistillationModule`` in a
+      Lightning ``Trainer`` (metrics and loss terms logged every step as in a run);
+(iii) kd + ``trainer.precision=bf16-mixed`` + ``speed.channels_last=true``;
+(iv)  (iii) + ``teacher_cache.enabled=true`` + ``data.fast=true``: the teacher's outputs read
+      from the exact cache (built first, its build timed), batches rendered from memory;
+(iv') the same in fp32 (no bf16, no channels_last), to separate what the cache and fast data give.
+
+Workloads: Hinton's MLP pair (784-1200-1200-10 -> 784-800-800-10, T=20) on MNIST-shaped data,
+and resnet32x4 -> resnet8x4 on CIFAR-100-shaped data at batch 64. Each variant runs ``--warmup``
+steps, then ``--steps`` timed steps (data loading included). It prints samples/s, the ratio to
+(i), peak memory (the process's resident set above its level before the variant; CUDA: peak
+allocated), and the achieved FLOP/s of the step (FLOPs counted by ``torch.utils.flop_counter``)
+against a matmul peak this script measures itself, fp32 or bf16 as the variant computes.
+
+Then the cost of an 8-run temperature sweep of the standard 240-epoch CIFAR-100 recipe (45,000
+training images after kd's validation split, batch 64): plain = 8 runs x 240 epochs x steps x
+(i)'s step time; cached = the cache's construction (45,000 x 162 views x the per-view cost
+measured while building it here) + 8 x 240 x steps x (iv)'s step time. Teacher forwards are
+counted for both. Not a test: the numbers depend on the machine and its load.
+
+Usage:
+    .venv/bin/python scripts/benchmark.py                      # both workloads, CPU
+    .venv/bin/python scripts/benchmark.py --workload cifar --steps 10 --warmup 2
+    .venv/bin/python scripts/benchmark.py --device cuda         # on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+WORKLOADS = {
+    "mlp": {
+        "title": "Hinton MLP 784-1200-1200-10 -> 784-800-800-10, MNIST-shaped (1x28x28), batch 128",
+        "overrides": ["experiment=hinton_mnist", "data.val_size=512"],
+        "n_train": 6144, "views": 1,
+    },
+    "cifar": {
+        "title": "resnet32x4 -> resnet8x4, CIFAR-100-shaped (3x32x32), batch 64",
+        # 96 images of 32 labels: kd holds 32 out for validation and trains on 64, one batch
+        "overrides": ["experiment=cifar100_resnet32x4_resnet8x4", "data.val_size=32"],
+        "n_train": 96, "views": 162,
+    },
+}
+SWEEP = {"runs": 8, "epochs": 240, "n_train": 45_000, "batch": 64, "views": 162}
+
+
+# --- measuring ------------------------------------------------------------------------------------
+
+class PeakMemory:
+    """Peak memory above the level at start: CUDA allocations, or the process's resident set (sampled)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak = 0
+        self._stop = threading.Event()
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._base = torch.cuda.memory_allocated()
+        else:
+            self._base = self._rss()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss() - self._base)
+            time.sleep(0.002)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated() - self._base
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, self._rss() - self._base)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
+    """FLOP/s of an ``n x n`` matmul, the best of ``repeats``."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    best = math.inf
+    for _ in range(repeats + 2):
+        sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+@dataclass
+class Result:
+    name: str
+    samples_per_s: float
+    step_s: float
+    peak_bytes: int
+    flops_per_step: float
+    bf16: bool
+    notes: list[str] = field(default_factory=list)
+
+
+class StepTimer(L.Callback):
+    """Times Lightning steps from the start of step ``warmup`` to the end of the last one."""
+
+    def __init__(self, warmup: int, steps: int, device: torch.device) -> None:
+        self.warmup, self.total, self.device = warmup, warmup + steps, device
+        self.seen, self.start, self.end = 0, 0.0, 0.0
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        self.seen += 1
+        if self.seen == self.warmup:
+            sync(self.device)
+            self.start = time.perf_counter()  # data loading of the next step is inside the window
+        if self.seen == self.total:
+            sync(self.device)
+            self.end = time.perf_counter()
+            trainer.should_stop = True
+
+
+# --- (i) the plain loop ---------------------------------------------------------------------------
+
+def plain_loop(workload: str, data_root: Path, teacher: nn.Module, student: nn.Module, batch: int,
+               temperature: float, warmup: int, steps: int, device: torch.device) -> float:
+    """Seconds per step of the reference repos' loop, after ``warmup`` steps."""
+    from torchvision import datasets, transforms
+
+    if workload == "cifar":
+        transform = transforms.Compose([
+            transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(), transforms.ToTensor(),
+            transforms.Normalize((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
+        ])
+        from kd.data.cifar import _DATASETS  # torchvision's CIFAR100, without the md5 check generated files fail
+
+        dataset = _DATASETS["cifar100"](str(data_root), train=True, transform=transform)
+    else:
+        transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))])
+        dataset = datasets.MNIST(str(data_root), train=True, transform=transform)
+    # full batches only, so that every timed step is one of `batch` samples
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=0, drop_last=True)
+    teacher.eval().to(device)
+    student.train().to(device)
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    done, start = 0, 0.0
+    while True:
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            with torch.no_grad():
+                t_logits = teacher(x)
+            s_logits = student(x)
+            kl = F.kl_div(F.log_softmax(s_logits / temperature, 1), F.softmax(t_logits / temperature, 1),
+                          reduction="batchmean") * temperature**2
+            loss = 0.1 * F.cross_entropy(s_logits, y) + 0.9 * kl
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            done += 1
+            if done == warmup:
+                sync(device)
+                start = time.perf_counter()
+            if done == warmup + steps:
+                sync(device)
+                return (time.perf_counter() - start) / steps
+
+
+# --- (ii)-(iv) kd -----------------------------------------------------------------------------------
+
+def compose(overrides: list[str]) -> Any:
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from kd.train import config_dir
+
+    with initialize_config_dir(config_dir(), version_base="1.3"):
+        return hydra_compose("train", overrides=overrides)
+
+
+def kd_loop(cfg: Any, teacher_state: dict[str, torch.Tensor], student_state: dict[str, torch.Tensor],
+            warmup: int, steps: int, device: torch.device, cache_dir: Path | None) -> tuple[float, dict[str, Any]]:
+    """Seconds per step of kd's training loop on ``cfg`` (the teacher's weights given), and notes."""
+    from kd.cache import open_cache
+    from kd.errors import instantiate_checked
+    from kd.fit import build_optimization
+    from kd.method import prepare_method
+    from kd.models.build import build_model
+    from kd.module import DistillationModule
+
+    L.seed_everything(0, verbose=False)
+    datamodule = instantiate_checked(cfg.data, "data")
+    criterion = instantiate_checked(cfg.distill, "distill")
+    fits = {"num_classes": datamodule.num_classes, "input_shape": tuple(datamodule.input_shape)}
+    student = build_model(cfg.model.student, key="model.student", **fits)
+    teacher = build_model(cfg.model.teacher, key="model.teacher", **fits)
+    student.load_state_dict(student_state)
+    teacher.load_state_dict(teacher_state)
+    student_fx, teacher_fx = prepare_method(criterion, student, teacher, datamodule)
+    optimizer, scheduler = build_optimization(cfg)
+    notes: dict[str, Any] = {}
+    cache = None
+    if cache_dir is not None:
+        t0 = time.perf_counter()
+        cache = open_cache(teacher_fx, datamodule.splits["train"], cache_dir, batch_size=256, verify=0, device=device)
+        built = cache.meta["build_time_s"]
+        notes = {"build_s": built, "views": cache.num_samples * cache.num_views,
+                 "per_view_s": built / (cache.num_samples * cache.num_views), "open_s": time.perf_counter() - t0}
+    module = DistillationModule(
+        student=student, criterion=criterion, optimizer=optimizer, num_classes=datamodule.num_classes,
+        teacher=teacher, scheduler=scheduler, student_features=student_fx, teacher_features=teacher_fx,
+        teacher_cache=cache, channels_last=bool(cfg.speed.channels_last), compile=bool(cfg.speed.compile),
+    )
+    timer = StepTimer(warmup, steps, device)
+    trainer = L.Trainer(
+        accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, precision=cfg.trainer.precision,
+        max_epochs=10**6, limit_val_batches=0, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
+    )
+    trainer.fit(module, datamodule=datamodule)
+    return (timer.end - timer.start) / steps, notes
+
+
+def step_flops(teacher: nn.Module, student: nn.Module, x: torch.Tensor, with_teacher: bool) -> float:
+    """FLOPs of one training step: teacher forward (unless cached) + student forward and backward."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        if with_teacher:
+            with torch.no_grad():
+                teacher.eval()(x)
+        student.train()(x).sum().backward()
+    student.zero_grad(set_to_none=True)
+    return float(counter.get_total_flops())
+
+
+# --- the table ------------------------------------------------------------------------------------
+
+def run_workload(name: str, root: Path, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    from kd.models.build import build_model
+    from tests.datagen import write_cifar, write_mnist
+
+    spec = WORKLOADS[name]
+    data_root = root / name
+    if name == "cifar":
+        write_cifar(data_root, n_train=spec["n_train"], n_test=100, labels_used=32)
+    else:
+        write_mnist(data_root, n_train=spec["n_train"], n_test=100)
+    base = [*spec["overrides"], f"data.root={data_root}"]
+    cfg = compose(base)
+    shape, classes = (3, 32, 32) if name == "cifar" else (1, 28, 28), 100 if name == "cifar" else 10
+    torch.manual_seed(0)
+    teacher = build_model(cfg.model.teacher, key="model.teacher", num_classes=classes, input_shape=shape)
+    student = build_model(cfg.model.student, key="model.student", num_classes=classes, input_shape=shape)
+    t_state = {k: v.clone() for k, v in teacher.state_dict().items()}
+    s_state = {k: v.clone() for k, v in student.state_dict().items()}
+    batch, temperature = int(cfg.data.batch_size), float(cfg.distill.temperature)
+    x = torch.randn(batch, *shape)
+    flops_full, flops_cached = step_flops(teacher, student, x, True), step_flops(teacher, student, x, False)
+    student.load_state_dict(s_state)
+
+    results = []
+    print(f"\n{spec['title']}: {args.warmup} warm-up + {args.steps} timed steps per variant", flush=True)
+    with PeakMemory(device) as mem:
+        step = plain_loop(name, data_root, teacher, student, batch, temperature, args.warmup, args.steps, device)
+    results.append(Result("(i) plain PyTorch loop, fp32", batch / step, step, mem.peak, flops_full, False))
+    print(f"  {results[-1].name}: {step:.3f} s/step", flush=True)
+    variants = [
+        ("(ii) kd default", [], False, None),
+        ("(iii) kd + bf16 + channels_last", ["trainer.precision=bf16-mixed", "speed.channels_last=true"], True, None),
+        ("(iv) kd + bf16 + cl + teacher cache + fast data", ["trainer.precision=bf16-mixed", "speed.channels_last=true",
+                                                             "data.fast=true"], True, "cache"),
+        ("(iv') kd + teacher cache + fast data, fp32", ["data.fast=true"], False, "cache"),
+    ]
+    notes: dict[str, Any] = {}
+    for label, overrides, bf16, cache in variants:
+        vcfg = compose([*base, *overrides])
+        with PeakMemory(device) as mem:
+            step, info = kd_loop(vcfg, t_state, s_state, args.warmup, args.steps, device,
+                                 root / "cache" if cache else None)
+        notes = info or notes
+        results.append(Result(label, batch / step, step, mem.peak, flops_cached if cache else flops_full, bf16))
+        print(f"  {label}: {step:.3f} s/step", flush=True)
+    return {"name": name, "title": spec["title"], "results": results, "cache": notes, "batch": batch}
+
+
+def print_table(workload: dict[str, Any], peaks: dict[bool, float]) -> None:
+    rows = workload["results"]
+    base = rows[0].samples_per_s
+    print(f"\n{workload['title']}")
+    print("| variant | samples/s | x (i) | peak memory MB | GFLOP/step | achieved GFLOP/s | of matmul peak |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        achieved = r.flops_per_step / r.step_s
+        peak = peaks[r.bf16]
+        print(f"| {r.name} | {r.samples_per_s:.1f} | {r.samples_per_s / base:.2f} | {r.peak_bytes / 2**20:.0f} | "
+              f"{r.flops_per_step / 1e9:.2f} | {achieved / 1e9:.1f} | {100 * achieved / peak:.1f}% "
+              f"({'bf16' if r.bf16 else 'fp32'}) |")
+
+
+def print_sweep(workload: dict[str, Any]) -> None:
+    rows = {r.name[: r.name.index(")") + 1]: r for r in workload["results"]}
+    plain, cached = rows["(i)"].step_s, rows["(iv)"].step_s
+    per_view = workload["cache"]["per_view_s"]
+    s = SWEEP
+    steps = math.ceil(s["n_train"] / s["batch"])
+    plain_s = s["runs"] * s["epochs"] * steps * plain
+    build_s = s["n_train"] * s["views"] * per_view
+    cached_s = build_s + s["runs"] * s["epochs"] * steps * cached
+    print(f"\n{s['runs']}-run temperature sweep, {s['epochs']}-epoch CIFAR-100 recipe ({s['n_train']:,} training images, "
+          f"batch {s['batch']}, {steps} steps/epoch), from the measured costs above:")
+    print(f"  plain:  {s['runs']} x {s['epochs']} x {steps} steps x {plain:.3f} s = {plain_s / 3600:,.1f} h; "
+          f"teacher forwards {s['runs'] * s['epochs'] * s['n_train']:,}")
+    print(f"  cached: build {s['n_train']:,} x {s['views']} views x {per_view * 1e3:.2f} ms/view "
+          f"(measured: {workload['cache']['views']:,} views in {workload['cache']['build_s']:.1f} s) = {build_s / 3600:,.1f} h")
+    print(f"          + {s['runs']} x {s['epochs']} x {steps} steps x {cached:.3f} s (iv) = {cached_s / 3600:,.1f} h; "
+          f"teacher forwards {s['n_train'] * s['views']:,}")
+    print(f"  cached / plain = {cached_s / plain_s:.1%} (target <= 40%)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workload", choices=["mlp", "cifar", "both"], default="both")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per variant")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    import logging
+    import warnings
+
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    peaks = {False: matmul_peak(device, torch.float32), True: matmul_peak(device, torch.bfloat16)}
+    print(f"{device}, {torch.get_num_threads()} threads; matmul peak: fp32 {peaks[False] / 1e9:.0f} GFLOP/s, "
+          f"bf16 {peaks[True] / 1e9:.0f} GFLOP/s")
+    names = ["mlp", "cifar"] if args.workload == "both" else [args.workload]
+    with tempfile.TemporaryDirectory() as tmp:
+        done = [run_workload(name, Path(tmp), args, device) for name in names]
+    for workload in done:
+        print_table(workload, peaks)
+    for workload in done:
+        if workload["name"] == "cifar":
+            print_sweep(workload)
+
+
+if __name__ == "__main__":
+    main()
