@@ -154,11 +154,13 @@ def test_bad_cache_settings_fail_before_anything_is_built(tmp_path: Path) -> Non
     assert not any(p.is_dir() for p in root.glob("*")) if root.exists() else True
 
 
-def test_a_run_with_the_cache_trains_like_the_run_without(make_cfg, tmp_path: Path) -> None:
-    """Same seed, same data order: the float32 cache gives the teacher's logits, so the same student."""
+@pytest.mark.parametrize("method", ["kd", "crd"])  # logits only; logits and the pooled features
+def test_a_run_with_the_cache_trains_like_the_run_without(make_cfg, tmp_path: Path, method: str) -> None:
+    """Same seed, same data order: the float32 cache gives the teacher's outputs, so the same student."""
     results = {}
     for cached in (False, True):
-        cfg = make_cfg("trainer.max_epochs=2", "teacher.recipe.max_epochs=1", f"teacher_cache.enabled={cached}",
+        cfg = make_cfg(f"distill={method}", "distill.nce_k=64" if method == "crd" else "distill.temperature=4",
+                       "trainer.max_epochs=2", "teacher.recipe.max_epochs=1", f"teacher_cache.enabled={cached}",
                        "teacher_cache.dtype=float32", "report.enabled=false", "callbacks=none",
                        "trainer.enable_checkpointing=false", fast=False, run_dir=f"run{int(cached)}")
         results[cached] = run(cfg)
@@ -166,4 +168,5 @@ def test_a_run_with_the_cache_trains_like_the_run_without(make_cfg, tmp_path: Pa
     assert plain.keys() == cached.keys()
     for k in plain:
         assert cached[k] == pytest.approx(plain[k], abs=1e-6), k
-    assert any((tmp_path / "outputs" / "teacher_cache").glob("convnet-*/meta.json"))
+    meta = json.loads(next((tmp_path / "outputs" / "teacher_cache").glob("convnet-*/meta.json")).read_text())
+    assert meta["features"] == ([results[True]["config"]["distill"]["teacher_nodes"][0]] if method == "crd" else [])

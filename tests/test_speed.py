@@ -1,0 +1,79 @@
+"""Speed options of DistillationModule: they change how the step is computed, not what it computes."""
+
+from __future__ import annotations
+
+import functools
+import shutil
+
+import lightning as L
+import pytest
+import torch
+
+from kd.data import DigitsDataModule
+from kd.features import FeatureExtractor
+from kd.losses import KDLoss
+from kd.models import ConvNet
+from kd.module import DistillationModule, compiled
+
+
+def _fit(tmp_path, **options) -> tuple[DistillationModule, list[float]]:
+    torch.manual_seed(0)
+    teacher = ConvNet(num_classes=10, in_channels=1, channels=(8, 16)).eval()
+    student = ConvNet(num_classes=10, in_channels=1, channels=(4, 8))
+    module = DistillationModule(student, KDLoss(temperature=4.0, weight=0.9, ce_weight=0.1),
+                                optimizer=functools.partial(torch.optim.SGD, lr=0.1), num_classes=10,
+                                teacher=teacher, **options)
+    losses: list[float] = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(float(outputs["loss"]))
+
+    L.seed_everything(0, verbose=False)
+    L.Trainer(default_root_dir=tmp_path, max_epochs=1, limit_train_batches=5, limit_val_batches=0, accelerator="cpu",
+              logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+              callbacks=[Record()]).fit(module, datamodule=DigitsDataModule(batch_size=32))
+    return module, losses
+
+
+def test_channels_last_changes_the_layout_not_the_losses(tmp_path) -> None:
+    plain_module, plain = _fit(tmp_path)
+    module, losses = _fit(tmp_path, channels_last=True)
+    def conv(m: DistillationModule) -> torch.nn.Conv2d:  # one with several input channels, where layouts differ
+        return next(c for c in m.student.modules() if isinstance(c, torch.nn.Conv2d) and c.in_channels > 1)
+
+    assert conv(module).weight.is_contiguous(memory_format=torch.channels_last)
+    assert not conv(plain_module).weight.is_contiguous(memory_format=torch.channels_last)
+    assert len(losses) == 5 and losses == pytest.approx(plain, rel=1e-4)
+
+
+def test_the_teacher_runs_in_inference_mode_and_its_outputs_can_be_saved_for_backward() -> None:
+    torch.manual_seed(0)
+    teacher = ConvNet(num_classes=10, in_channels=1, channels=(8, 16))
+    student = ConvNet(num_classes=10, in_channels=1, channels=(4, 8))
+    module = DistillationModule(student, KDLoss(temperature=4.0, weight=1.0, ce_weight=0.0),
+                                optimizer=torch.optim.SGD, num_classes=10, teacher=teacher)
+    seen: list[bool] = []
+    teacher.register_forward_hook(lambda m, i, o: seen.append(torch.is_inference_mode_enabled()))
+    x = torch.randn(6, 1, 8, 8)
+    out = module.teacher_forward(x)
+    assert seen == [True] and not out.logits.is_inference() and not out.logits.requires_grad
+    with torch.no_grad():
+        torch.testing.assert_close(out.logits, teacher.eval()(x))
+    s = student(x)
+    (s * out.logits).sum().backward()  # the teacher's logits saved by autograd: refused for an inference tensor
+    assert all(p.grad is not None for p in student.parameters())
+
+
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="inductor needs a C compiler")
+def test_compiled_extractor_gives_the_eager_outputs() -> None:
+    torch.manual_seed(0)
+    net = ConvNet(num_classes=10, in_channels=1, channels=(4, 8)).eval()
+    extractor = FeatureExtractor(net, ["features.0"], key="k", input_shape=(1, 8, 8))
+    extractor._graph = None  # as after pickling (ddp_spawn): built eagerly before compiling
+    fn = compiled(extractor)
+    x = torch.randn(5, 1, 8, 8)
+    with torch.no_grad():
+        eager, fast = extractor(x), fn(x)
+    torch.testing.assert_close(fast.logits, eager.logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fast.features["features.0"], eager.features["features.0"], rtol=1e-4, atol=1e-5)
