@@ -148,16 +148,27 @@ def fit(
             datamodule=datamodule, optimizer=optimizer, make_trainer=make_stage_trainer,
         )
     trainer.fit(module, datamodule=datamodule)
+    epochs = _epochs_trained(trainer)
     final = evaluate(trainer, module, datamodule)
 
     ckpt = trainer.checkpoint_callback
     best_path = ckpt.best_model_path if isinstance(ckpt, ModelCheckpoint) and ckpt.monitor else ""
     if not best_path:
-        return FitResult(final, final, "final", None, None, trainer.current_epoch, module, report)
+        return FitResult(final, final, "final", None, None, epochs, module, report)
     best = evaluate(trainer, module, datamodule, ckpt_path=best_path)
+    if trainer.world_size > 1:  # ddp_spawn/ddp_fork restored the checkpoint in their workers only
+        checkpoint = torch.load(best_path, map_location="cpu", weights_only=True)
+        module.on_load_checkpoint(checkpoint)  # the teacher, left out of checkpoints
+        module.load_state_dict(checkpoint["state_dict"])
     best_epoch = _checkpoint_epoch(best_path)
     log.info("selected %s (epoch %s) on %s", Path(best_path).name, best_epoch, ckpt.monitor)
-    return FitResult(best, final, "best_val", best_path, best_epoch, trainer.current_epoch, module, report)
+    return FitResult(best, final, "best_val", best_path, best_epoch, epochs, module, report)
+
+
+def _epochs_trained(trainer: L.Trainer) -> int:
+    """Epochs trained. Under ddp_spawn/ddp_fork the loops ran in worker processes and the main
+    process's counters are still 0; the module's ``train/epochs`` came back with the metrics."""
+    return trainer.current_epoch or int(trainer.callback_metrics.get("train/epochs", 0))
 
 
 def _checkpoint_epoch(path: str) -> int | None:

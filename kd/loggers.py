@@ -6,10 +6,13 @@ groups and tags a W&B run from the Hydra overrides and logs the resolved config 
 ``method``/``student``/``teacher_model``/``dataset`` beside it; ``finish_loggers`` puts
 ``results.json`` into the run summary (key ``results``, read by ``kd-table --wandb``), the
 compression report as a table, and closes the run so that an offline directory is complete.
+``CSVLogger`` is Lightning's, keeping one ``metrics.csv`` whole when the worker processes of
+``ddp_spawn``/``ddp_fork`` write it in turn.
 """
 
 from __future__ import annotations
 
+import csv
 import logging
 import netrc
 import os
@@ -20,7 +23,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.pytorch.loggers import CSVLogger as LightningCSVLogger
 from lightning.pytorch.loggers import Logger, WandbLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 log = logging.getLogger(__name__)
@@ -30,6 +36,43 @@ DEFAULT_BASE_URL = "https://api.wandb.ai"
 NAME_NOISE = ("hydra.", "paths.", "logger", "teacher.store_dir", "trainer.enable_progress_bar")
 # tags and convenience config keys: (config key, Hydra group)
 IDENTITY = (("method", "distill"), ("student", "model/student"), ("teacher_model", "model/teacher"), ("dataset", "data"))
+
+
+class _CSVWriter(ExperimentWriter):
+    """Lightning's CSV writer, taking the columns of ``metrics.csv`` from the file itself.
+
+    Lightning's writer remembers the columns it wrote in memory and appends with those. Under
+    ``ddp_spawn`` or ``ddp_fork`` every ``fit``/``validate``/``test`` runs in new processes, each
+    with a copy of the logger of the main process, which never wrote: the writer of ``validate`` then
+    knows only the ``val/`` columns and fails on the rows ``fit`` wrote (``dict contains fields
+    not in fieldnames``). Reading the header first makes each process add to the file as one
+    writer would.
+    """
+
+    def save(self) -> None:
+        if self.metrics and self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as file:
+                on_disk = next(csv.reader(file), [])
+            keys = sorted(set(self.metrics_keys).union(on_disk, *self.metrics))
+            if keys != on_disk:
+                self._rewrite_with_new_header(keys)
+            self.metrics_keys = keys
+        super().save()
+
+
+class CSVLogger(LightningCSVLogger):
+    """Lightning's ``CSVLogger`` that keeps one ``metrics.csv`` whole across processes (``ddp_spawn``).
+
+    See ``_CSVWriter``. Same arguments as ``lightning.pytorch.loggers.CSVLogger``.
+    """
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:  # noqa: D102 - see CSVLogger.experiment
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _CSVWriter(log_dir=self.log_dir)
+        return self._experiment
 
 
 def wandb_base_url() -> str:

@@ -209,6 +209,8 @@ class DistillationModule(L.LightningModule):
     def on_train_epoch_end(self) -> None:
         optimizer = self.optimizers()
         self.log("train/lr", optimizer.param_groups[0]["lr"])  # type: ignore[union-attr]
+        # how far training got, read back by kd.fit when ddp_spawn/ddp_fork trained in worker processes
+        self.log("train/epochs", float(self.current_epoch + 1), logger=False, sync_dist=True)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Leaves the frozen teacher out of checkpoints: it is restored from its own source."""

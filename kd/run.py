@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import random
 import time
 import warnings
@@ -96,6 +97,14 @@ def check_seed(cfg: DictConfig) -> int:
         ConfigError: If the seed is not an integer in ``[0, 2**32)``.
     """
     seed = cfg.get("seed")
+    if seed is None and multi_process_launch():
+        # every rank must shuffle alike: take rank 0's (Lightning passes it to the ranks it starts)
+        if "PL_GLOBAL_SEED" not in os.environ:
+            raise ConfigError("seed", "is null in a multi-process launch (torchrun, SLURM tasks), where each "
+                              "process would draw its own; give seed=<int>")
+        seed = int(os.environ["PL_GLOBAL_SEED"])
+        with open_dict(cfg):
+            cfg.seed = seed
     if seed is None:
         seed = random.SystemRandom().randrange(2**31)
         with open_dict(cfg):
@@ -270,6 +279,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "overrides": task_overrides(),
         "method": type(criterion).__name__,
         "seed": seed,
+        "world_size": trainer.world_size,
         "data": {
             "name": type(datamodule).__name__, "num_classes": datamodule.num_classes, "input_shape": list(shape),
             "test_size": test_size,
@@ -288,14 +298,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         },
         "config": resolved,
     }
-    if result.module.trainer.is_global_zero:
+    if trainer.is_global_zero:
         # the selected student alone, as trained: no teacher, no auxiliary modules of the method
         save_atomic(student.state_dict(), weights)
         write_json_atomic(output_dir / RESULTS_FILE, results)  # kept even if the report fails below
         print(summary_table(results), flush=True)
         if cfg.report.enabled:
             report = cfg.report
-            limit = result.module.trainer.limit_test_batches
+            limit = trainer.limit_test_batches
             try:
                 results["report"] = deploy_and_report(
                     student=student, teacher=teacher, student_test_acc=result.metrics.get("test/acc"),
