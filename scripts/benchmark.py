@@ -15,8 +15,8 @@ For each workload, in one process, on generated data of the real shapes and on-d
 Workloads: Hinton's MLP pair (784-1200-1200-10 -> 784-800-800-10, T=20) on MNIST-shaped data,
 and resnet32x4 -> resnet8x4 on CIFAR-100-shaped data at batch 64. Each variant runs ``--warmup``
 steps, then ``--steps`` timed steps (data loading included). It prints samples/s, the ratio to
-(i), peak memory (the process's resident set above its level before the variant; CUDA: peak
-allocated), and the achieved FLOP/s of the step (FLOPs counted by ``torch.utils.flop_counter``)
+(i), peak memory (the kernel's high-water mark of the resident set above its level before the
+variant; CUDA: peak allocated), and the achieved FLOP/s of the step (FLOPs counted by ``torch.utils.flop_counter``)
 against a matmul peak this script measures itself, fp32 or bf16 as the variant computes.
 
 Then the cost of an 8-run temperature sweep of the standard 240-epoch CIFAR-100 recipe (45,000
@@ -37,7 +37,6 @@ import argparse
 import math
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,17 +69,21 @@ SWEEP = {"runs": 8, "epochs": 240, "n_train": 45_000, "batch": 64, "views": 162}
 # --- measuring ------------------------------------------------------------------------------------
 
 class PeakMemory:
-    """Peak memory above the level at start: CUDA allocations, or the process's resident set (sampled)."""
+    """Peak memory above the level at start: CUDA's peak allocation, or the process's peak resident set.
+
+    On the CPU the kernel's high-water mark is reset (``/proc/self/clear_refs``) and read back
+    (``VmHWM``): no sampling thread, which would take a core from the 2 that torch computes on.
+    """
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.peak = 0
-        self._stop = threading.Event()
 
     @staticmethod
-    def _rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * 4096
+    def _status(field: str) -> int:
+        with open("/proc/self/status") as f:
+            line = next(line for line in f if line.startswith(field + ":"))
+        return int(line.split()[1]) * 1024
 
     def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
@@ -88,23 +91,16 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self._base = torch.cuda.memory_allocated()
         else:
-            self._base = self._rss()
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # VmHWM := VmRSS
+            self._base = self._status("VmRSS")
         return self
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._rss() - self._base)
-            time.sleep(0.002)
 
     def __exit__(self, *exc: object) -> None:
         if self.device.type == "cuda":
             self.peak = torch.cuda.max_memory_allocated() - self._base
         else:
-            self._stop.set()
-            self._thread.join()
-            self.peak = max(self.peak, self._rss() - self._base)
+            self.peak = self._status("VmHWM") - self._base
 
 
 def sync(device: torch.device) -> None:
