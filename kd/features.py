@@ -18,7 +18,7 @@ from __future__ import annotations
 import difflib
 import logging
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -78,6 +78,7 @@ class FeatureExtractor:
         self._hooked: dict[str, Tensor] = {}
         self._hooks: dict[str, tuple[nn.Module, Any]] = {}  # name -> (module, removable handle)
         self._active = False
+        self._compiled: tuple[fx.GraphModule | None, Callable[[Tensor], ModelOutput]] | None = None
         if not self.nodes:
             return
         if tracer in ("auto", "fx"):
@@ -141,6 +142,7 @@ class FeatureExtractor:
         # Picklable (ddp_spawn): the graph is rebuilt on first use; hook handles are not kept.
         state = dict(self.__dict__)
         state["_graph"] = None
+        state["_compiled"] = None
         state["_hooked"] = {}
         state["_hooks"] = {name: (module, None) for name, (module, _) in self._hooks.items()}
         return state
@@ -149,6 +151,17 @@ class FeatureExtractor:
         """Builds the FX graph now if it was dropped (pickling, ``sync``), so nothing is traced later."""
         if self.mode == "fx" and self._graph is None:
             self._graph = _build_graph(self.model, sorted(set(self._fx_names.values())), self._last)
+
+    def compiled(self) -> Callable[[Tensor], ModelOutput]:
+        """``torch.compile`` of this extractor's call, its FX graph built first in eager mode.
+
+        ``create_feature_extractor`` cannot run inside a compiled function, so the graph must exist
+        before compiling. Compiled again when ``sync`` dropped the graph (module surgery).
+        """
+        self.ensure_built()
+        if self._compiled is None or self._compiled[0] is not self._graph:
+            self._compiled = (self._graph, torch.compile(self.__call__))
+        return self._compiled[1]
 
     def __call__(self, x: Tensor) -> ModelOutput:
         """The model's logits and the requested features for a batch ``x``."""

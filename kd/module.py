@@ -29,16 +29,6 @@ def _accuracy(num_classes: int) -> MetricCollection:
     return MetricCollection(metrics)
 
 
-def compiled(extractor: FeatureExtractor) -> Callable[[Tensor], ModelOutput]:
-    """``torch.compile`` of a feature extractor's call, its FX graph built first in eager mode.
-
-    ``create_feature_extractor`` cannot run inside a compiled function, so the graph must exist
-    before compiling (a dry call builds it).
-    """
-    extractor.ensure_built()
-    return torch.compile(extractor.__call__)
-
-
 class DistillationModule(L.LightningModule):
     """Trains ``student`` with ``criterion``, guided by a frozen ``teacher`` when one is given.
 
@@ -108,8 +98,6 @@ class DistillationModule(L.LightningModule):
         self.teacher_cache = teacher_cache
         self.channels_last = channels_last
         self.compile = compile
-        self._student_call: Callable[[Tensor], ModelOutput] = self.student_features
-        self._teacher_call: Callable[[Tensor], ModelOutput] | None = self.teacher_features
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.scheduler_interval = scheduler_interval
@@ -136,11 +124,11 @@ class DistillationModule(L.LightningModule):
         inference mode (a copy of the logits and features only), so losses may save them for
         their backward pass.
         """
-        assert self.teacher is not None and self._teacher_call is not None
+        assert self.teacher is not None and self.teacher_features is not None
         if self.teacher.training:  # someone called teacher.train() directly
             self.teacher.eval()
         with torch.inference_mode():
-            out = self._teacher_call(x)
+            out = self._call(self.teacher_features, x)
         return ModelOutput(out.logits.clone(), {k: v.clone() for k, v in out.features.items()})
 
     def teacher_outputs(self, batch: Batch, x: Tensor) -> ModelOutput:
@@ -168,10 +156,14 @@ class DistillationModule(L.LightningModule):
         self.student_features.sync()
         if self.teacher_features is not None:
             self.teacher_features.sync()
-        if self.compile:
-            self._student_call = compiled(self.student_features)
-            if self.teacher_features is not None and self.teacher_cache is None:
-                self._teacher_call = compiled(self.teacher_features)
+
+    def _call(self, extractor: FeatureExtractor, x: Tensor) -> ModelOutput:
+        """``extractor(x)``, compiled under ``compile``.
+
+        The extractor is looked up at every call: callbacks (QAT, structured pruning) replace the
+        student's extractor or its graph during training.
+        """
+        return extractor.compiled()(x) if self.compile else extractor(x)
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         """Student and criterion parameters: everything the optimizer updates, never the teacher."""
@@ -180,7 +172,7 @@ class DistillationModule(L.LightningModule):
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         x, y = self._input(batch), batch["target"]  # (B, ...), (B,)
-        student = self._student_call(x)
+        student = self._call(self.student_features, x)
         teacher = self.teacher_outputs(batch, x) if self.teacher is not None else None
         terms = self.criterion(student, teacher, batch, epoch=self.current_epoch)
         loss = torch.stack(list(terms.values())).sum()

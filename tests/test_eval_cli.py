@@ -123,7 +123,7 @@ def test_typo_in_a_data_option_names_the_options(capsys, exported) -> None:
     code, _, err = kd_eval(capsys, str(path), "data.eval_batchsize=8")
     assert_one_line_error(
         code, err, r"kd-eval: error: data.eval_batchsize: no such option; data has: _target_, batch_size, "
-        r"eval_batch_size, val_fraction, test_fraction, split_seed, num_workers"
+        r"eval_batch_size, val_fraction, test_fraction, split_seed, num_workers, fast"
     )
     code, _, err = kd_eval(capsys, str(path), "data=digitz")
     assert_one_line_error(

@@ -15,7 +15,7 @@ from kd.teacher import store_key, teacher_run_config
 # The documented fields of results.json (README, "What a run writes").
 RESULT_FIELDS = {
     "kd_version", "git", "status", "started_at", "wall_time_s", "run_dir", "overrides", "method",
-    "seed", "data", "teacher", "stages", "student", "config", "report",
+    "seed", "data", "teacher", "stages", "student", "config", "report", "world_size",
 }
 STUDENT_FIELDS = {"params", "weights", "selected", "best_epoch", "epochs", "checkpoint", "metrics", "final_metrics"}
 TEACHER_FIELDS = {"source", "path", "params", "metrics", "key"}
@@ -29,7 +29,7 @@ def test_default_experiment_runs_end_to_end_and_writes_results(make_cfg, tmp_pat
     assert set(written) == RESULT_FIELDS
     assert set(written["student"]) == STUDENT_FIELDS
     assert set(written["teacher"]) == TEACHER_FIELDS
-    assert written["status"] == "completed" and written["method"] == "KDLoss"
+    assert written["status"] == "completed" and written["method"] == "KDLoss" and written["world_size"] == 1
     assert written["kd_version"] == "0.1.0"
     assert set(written["git"]) == {"commit", "dirty"}
     assert written["config"]["distill"]["temperature"] == 4.0

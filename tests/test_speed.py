@@ -13,7 +13,7 @@ from kd.data import DigitsDataModule
 from kd.features import FeatureExtractor
 from kd.losses import KDLoss
 from kd.models import ConvNet
-from kd.module import DistillationModule, compiled
+from kd.module import DistillationModule
 
 
 def _fit(tmp_path, **options) -> tuple[DistillationModule, list[float]]:
@@ -71,9 +71,16 @@ def test_compiled_extractor_gives_the_eager_outputs() -> None:
     net = ConvNet(num_classes=10, in_channels=1, channels=(4, 8)).eval()
     extractor = FeatureExtractor(net, ["features.0"], key="k", input_shape=(1, 8, 8))
     extractor._graph = None  # as after pickling (ddp_spawn): built eagerly before compiling
-    fn = compiled(extractor)
+    fn = extractor.compiled()
     x = torch.randn(5, 1, 8, 8)
     with torch.no_grad():
         eager, fast = extractor(x), fn(x)
     torch.testing.assert_close(fast.logits, eager.logits, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(fast.features["features.0"], eager.features["features.0"], rtol=1e-4, atol=1e-5)
+    assert extractor.compiled() is fn  # compiled once
+    net.features[0] = torch.nn.Conv2d(1, 4, 3, padding=1)  # module surgery (structured pruning, QAT)
+    extractor.sync()
+    refreshed = extractor.compiled()
+    assert refreshed is not fn
+    with torch.no_grad():
+        torch.testing.assert_close(refreshed(x).logits, net(x), rtol=1e-4, atol=1e-5)
