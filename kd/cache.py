@@ -20,6 +20,16 @@ teacher recomputes, and a mismatch is refused with what to delete.
 Stored as ``.npy`` arrays ``(N, V, ...)`` (float16 by default: the logits to about 3 significant
 digits, 2 bytes each) opened memory-mapped, so runs share the pages and nothing is loaded
 whole; on a GPU the arrays are copied to device memory once when they fit.
+
+With ``top_k`` only the ``k`` largest logits of each view are stored exactly (their values and
+class indices), with one number for the rest: the log of the mean of their exponentials. The
+logits read back are the stored top-k, and that value for every other class. Their softmax is
+the teacher's exactly on the top-k classes and spreads the remaining probability mass evenly
+over the others; at a distillation temperature above 1 the tail is flatter than the teacher's
+(``meta.json`` records the mean and largest tail mass, the probability the top-k leave out).
+ImageNet's 1000 logits take 2000 bytes per view in float16; the top 10 take 44. The idea and
+its use on ImageNet are FKD's (Shen & Xing, ECCV 2022), which stores top-k soft labels of
+pre-drawn crops (``kd.data.crops.CropViews``).
 """
 
 from __future__ import annotations
@@ -39,7 +49,7 @@ import torch
 from filelock import FileLock
 from torch import Tensor
 
-from kd.errors import ConfigError
+from kd.errors import ConfigError, check_int
 from kd.features import FeatureExtractor
 from kd.outputs import ModelOutput
 
@@ -65,10 +75,17 @@ def teacher_fingerprint(model: torch.nn.Module) -> str:
 
 
 def data_fingerprint(dataset: Any) -> str:
-    """SHA-256 of a training split's stored inputs and labels and of how inputs are made from them."""
-    stored = dataset.images if hasattr(dataset, "images") else dataset.inputs
+    """SHA-256 of a training split's stored inputs and labels and of how inputs are made from them.
+
+    In-memory splits are hashed byte for byte. A split read from files (ImageNet) provides
+    ``content_digest()`` (its files' paths and sizes): hashing every byte would take longer than
+    building the cache, and ``verify`` recomputes random stored outputs on every open anyway.
+    """
     h = hashlib.sha256(f"{type(dataset).__qualname__}|{json.dumps(dataset.spec(), sort_keys=True)}|".encode())
-    _hash_tensor(h, stored)
+    if hasattr(dataset, "content_digest"):
+        h.update(f"files:{dataset.content_digest()}|".encode())
+    else:
+        _hash_tensor(h, dataset.images if hasattr(dataset, "images") else dataset.inputs)
     _hash_tensor(h, dataset.targets)
     return h.hexdigest()
 
@@ -83,7 +100,8 @@ def check_cacheable(dataset: Any, data_key: str) -> None:
         raise ConfigError(
             "teacher_cache.enabled", f"the training inputs of {data_key} are not a finite set of views "
             f"({type(dataset).__name__}: e.g. RandomResizedCrop draws from an infinite set), so no "
-            "exact cache exists; set teacher_cache.enabled=false"
+            "exact cache exists; set teacher_cache.enabled=false, or for data=imagenet pre-draw the crops "
+            "with data.views=E (E per image, FKD-style)"
         )
 
 
@@ -100,6 +118,8 @@ class TeacherCache:
         self.meta = meta
         self.num_samples, self.num_views = int(meta["num_samples"]), int(meta["num_views"])
         self.feature_names: list[str] = list(meta["features"])
+        self.top_k: int | None = meta.get("top_k")
+        self.num_classes = int(meta["shapes"]["logits"][0])
         self._arrays: dict[str, Any] | None = None  # opened lazily; never pickled (ddp_spawn)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -110,16 +130,13 @@ class TeacherCache:
     def _on_device(self) -> bool:
         return self._arrays is not None and any(isinstance(a, Tensor) for a in self._arrays.values())
 
-    def _files(self) -> dict[str, Path]:
-        files = {"logits": self.directory / "logits.npy"}
-        files.update({name: self.directory / f"feature_{i}.npy" for i, name in enumerate(self.feature_names)})
-        return files
-
     @property
     def arrays(self) -> dict[str, Any]:
-        """The stored arrays ``(N, V, ...)`` by name (``logits`` and each feature node), memory-mapped."""
+        """The stored arrays ``(N, V, ...)`` by name, memory-mapped: ``logits`` (or ``topk_values``,
+        ``topk_indices`` and ``tail``) and each feature node."""
         if self._arrays is None:
-            self._arrays = {name: np.load(path, mmap_mode="r") for name, path in self._files().items()}
+            self._arrays = {name: np.load(self.directory / file, mmap_mode="r")
+                            for name, (file, _, _) in layout(self.meta).items()}
         return self._arrays
 
     @property
@@ -136,25 +153,75 @@ class TeacherCache:
                             else a.to(device) for name, a in self.arrays.items()}
         return self
 
-    def lookup(self, index: Tensor, view: Tensor) -> ModelOutput:
-        """The teacher's stored outputs for samples ``index`` ``(B,)`` in views ``view`` ``(B,)``, as float32.
-
-        Returns:
-            Logits ``(B, num_classes)`` and the stored features, on ``index``'s device.
-        """
-        device = index.device
+    def rows(self, index: Tensor, view: Tensor) -> dict[str, Tensor]:
+        """Each stored array's rows ``(B, ...)`` for ``(index, view)``: float32 (class indices: int64),
+        on ``index``'s device."""
         out: dict[str, Tensor] = {}
         for name, array in self.arrays.items():
             if isinstance(array, Tensor):
                 rows = array[index.to(array.device), view.to(array.device)]  # (B, ...)
             else:
                 rows = torch.from_numpy(array[index.cpu().numpy(), view.cpu().numpy()])  # (B, ...), a copy
-            out[name] = rows.to(device=device, dtype=torch.float32, non_blocking=True)
-        logits = out.pop("logits")
+            dtype = torch.long if name == "topk_indices" else torch.float32
+            out[name] = rows.to(device=index.device, dtype=dtype, non_blocking=True)
+        return out
+
+    def lookup(self, index: Tensor, view: Tensor) -> ModelOutput:
+        """The teacher's stored outputs for samples ``index`` ``(B,)`` in views ``view`` ``(B,)``, as float32.
+
+        Returns:
+            Logits ``(B, num_classes)`` and the stored features, on ``index``'s device. From a
+            top-k cache: the stored top-k logits, and the tail value for every other class.
+        """
+        out = self.rows(index, view)
+        if self.top_k is None:
+            logits = out.pop("logits")
+        else:
+            logits = expand_top_k(out.pop("topk_values"), out.pop("topk_indices"), out.pop("tail"), self.num_classes)
         return ModelOutput(logits, out)
 
 
-def cache_key(teacher: FeatureExtractor, dataset: Any, dtype: str) -> tuple[str, dict[str, Any]]:
+def compress_top_k(logits: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The ``k`` largest logits of each row, their classes, and the log-mean-exp of the others.
+
+    Args:
+        logits: ``(B, C)`` with ``0 < k < C``.
+
+    Returns:
+        Values ``(B, k)`` (descending), class indices ``(B, k)``, and the tail ``(B,)``:
+        ``log(mean(exp(logits[j])))`` over the ``C - k`` classes outside the top-k.
+    """
+    logits = logits.float()
+    values, indices = logits.topk(k, dim=1)
+    rest = logits.scatter(1, indices, float("-inf"))  # (B, C), the top-k masked out
+    tail = torch.logsumexp(rest, dim=1) - math.log(logits.shape[1] - k)
+    return values, indices, tail
+
+
+def expand_top_k(values: Tensor, indices: Tensor, tail: Tensor, num_classes: int) -> Tensor:
+    """Logits ``(B, num_classes)`` from ``compress_top_k``'s parts: ``values`` at ``indices``, ``tail`` elsewhere.
+
+    Their log-sum-exp, and so their softmax on the top-k classes, equals that of the original
+    logits (up to rounding): the tail value carries exactly the probability mass of the rest.
+    """
+    logits = tail[:, None].expand(len(tail), num_classes).clone()  # (B, C)
+    return logits.scatter_(1, indices, values)
+
+
+def layout(meta: dict[str, Any]) -> dict[str, tuple[str, tuple[int, ...], Any]]:
+    """Each stored array's file name, shape after ``(N, V)`` and numpy dtype, from an entry's ``meta.json``."""
+    dtype, shapes, k = _DTYPES[meta["key"]["dtype"]], meta["shapes"], meta.get("top_k")
+    if k is None:
+        arrays = {"logits": ("logits.npy", tuple(shapes["logits"]), dtype)}
+    else:
+        index_dtype = np.int16 if shapes["logits"][0] <= np.iinfo(np.int16).max else np.int32
+        arrays = {"topk_values": ("topk_values.npy", (k,), dtype), "topk_indices": ("topk_indices.npy", (k,), index_dtype),
+                  "tail": ("tail.npy", (), np.float32)}
+    arrays.update({name: (f"feature_{i}.npy", tuple(shapes[name]), dtype) for i, name in enumerate(meta["features"])})
+    return arrays
+
+
+def cache_key(teacher: FeatureExtractor, dataset: Any, dtype: str, top_k: int | None = None) -> tuple[str, dict[str, Any]]:
     """The entry name and the description its digest is taken of."""
     keyed = {
         "format": CACHE_FORMAT,
@@ -164,6 +231,8 @@ def cache_key(teacher: FeatureExtractor, dataset: Any, dtype: str) -> tuple[str,
                  "num_samples": len(dataset), "num_views": int(dataset.num_views)},
         "dtype": dtype,
     }
+    if top_k is not None:  # absent otherwise, so entries of full logits keep their keys
+        keyed["top_k"] = top_k
     digest = hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()
     return f"{type(teacher.model).__name__.lower()}-{digest[:16]}", {**keyed, "sha256": digest}
 
@@ -181,7 +250,9 @@ def open_cache(
     directory: str | Path,
     *,
     dtype: str = "float16",
+    top_k: int | None = None,
     batch_size: int = 512,
+    num_workers: int = 0,
     max_gb: float = 16.0,
     verify: int = 16,
     device: torch.device | str = "cpu",
@@ -196,7 +267,11 @@ def open_cache(
             ``kd.data.tensor.IndexedTensorDataset``).
         directory: Where caches live (one subdirectory per key).
         dtype: ``float16`` or ``float32`` storage.
+        top_k: Store only the ``top_k`` largest logits of each view and the log-mean-exp of the
+            rest (``compress_top_k``); None: all logits. Features are stored whole either way.
         batch_size: Inputs per teacher forward while building.
+        num_workers: Processes rendering the inputs while building (a split read from image
+            files needs several; in-memory splits render fastest in the main process).
         max_gb: Refuse to build an entry larger than this.
         verify: How many random ``(index, view)`` outputs the teacher recomputes to check an
             existing entry (0: none).
@@ -208,8 +283,8 @@ def open_cache(
         The opened cache.
 
     Raises:
-        ConfigError: On a dataset without finite views, a bad dtype, an entry larger than
-            ``max_gb``, a missing entry when ``build`` is False, or an entry that disagrees with
+        ConfigError: On a dataset without finite views, a bad dtype or ``top_k`` (it must be
+            below the number of classes), an entry larger than ``max_gb``, a missing entry when ``build`` is False, or an entry that disagrees with
             its key or with the teacher.
     """
     check_cacheable(dataset, data_key)
@@ -217,8 +292,11 @@ def open_cache(
         raise ConfigError("teacher_cache.dtype", f"must be one of {', '.join(_DTYPES)}, got {dtype!r}")
     if not max_gb > 0:
         raise ConfigError("teacher_cache.max_gb", f"must be > 0, got {max_gb}")
+    if top_k is not None:
+        check_int("teacher_cache.top_k", top_k, 1, valid=">= 1, or null to store every logit")
+    check_int("teacher_cache.num_workers", num_workers, 0, valid=">= 0")
     device = torch.device(device)
-    name, keyed = cache_key(teacher, dataset, dtype)
+    name, keyed = cache_key(teacher, dataset, dtype, top_k)
     root = Path(directory)
     entry = root / name
     if not (entry / "meta.json").is_file():
@@ -231,7 +309,8 @@ def open_cache(
         root.mkdir(parents=True, exist_ok=True)
         with FileLock(str(root / f"{name}.lock")):
             if not (entry / "meta.json").is_file():  # another run may have built it meanwhile
-                _build(teacher, dataset, entry, keyed, dtype=dtype, batch_size=batch_size, max_gb=max_gb, device=device)
+                _build(teacher, dataset, entry, keyed, dtype=dtype, top_k=top_k, batch_size=batch_size,
+                       num_workers=num_workers, max_gb=max_gb, device=device)
     cache = _open_checked(entry, keyed)
     if verify:
         _verify(cache, teacher, dataset, verify, device)
@@ -250,11 +329,12 @@ def _open_checked(entry: Path, keyed: dict[str, Any]) -> TeacherCache:
         raise ConfigError("teacher_cache", f"{entry} was built for another teacher, data or transform "
                           f"(its key differs from this run's); {fix}")
     cache = TeacherCache(entry, meta)
-    for name, array in _load_arrays(cache, fix).items():
-        want = (cache.num_samples, cache.num_views, *meta["shapes"][name])
-        if tuple(array.shape) != want or array.dtype != _DTYPES[meta["key"]["dtype"]]:
+    arrays = _load_arrays(cache, fix)
+    for name, (_, shape, dtype) in layout(meta).items():
+        want, array = (cache.num_samples, cache.num_views, *shape), arrays[name]
+        if tuple(array.shape) != want or array.dtype != dtype:
             raise ConfigError("teacher_cache", f"{entry}: {name} is {tuple(array.shape)} {array.dtype}, "
-                              f"expected {want} {meta['key']['dtype']}; {fix}")
+                              f"expected {want} {np.dtype(dtype).name}; {fix}")
     return cache
 
 
@@ -277,9 +357,23 @@ def _verify(cache: TeacherCache, teacher: FeatureExtractor, dataset: Any, count:
         fresh = _teacher_outputs(teacher, dataset, index, views, device)
     finally:
         model.to(before).train(was_training)
-    stored = cache.lookup(index, views)
-    pairs = [("logits", stored.logits, fresh.logits)] + [(n, stored.features[n], fresh.features[n]) for n in cache.feature_names]
+    stored = cache.rows(index, views)
+    logits = fresh.logits.float().cpu()  # (B, C)
     tol = 2.0**-10 if cache.meta["key"]["dtype"] == "float16" else 1e-5  # float16 keeps 11 significant bits
+    if cache.top_k is None:
+        pairs = [("logits", stored["logits"], logits)]
+    else:  # the stored values are the teacher's logits of the stored classes, no other class is larger, and the tail
+        indices = stored["topk_indices"].cpu()
+        picked, rest = logits.gather(1, indices), logits.scatter(1, indices, float("-inf"))
+        tail = torch.logsumexp(rest, dim=1) - math.log(cache.num_classes - cache.top_k)
+        pairs = [("the top-k logits", stored["topk_values"], picked), ("the tail", stored["tail"], tail)]
+        outside = rest.max(1).values - picked.min(1).values  # (B,) > 0: a class outside the stored ones is larger
+        if (outside > tol * picked.abs().max(1).values + 1e-4).any():
+            raise ConfigError(
+                "teacher_cache", f"{cache.directory} does not hold the teacher's top {cache.top_k} classes "
+                f"(a logit outside them is larger by {float(outside.max()):.3g}); delete {cache.directory} to rebuild it"
+            )
+    pairs += [(n, stored[n], fresh.features[n]) for n in cache.feature_names]
     for name, s, f in pairs:
         f = f.float().cpu()
         bad = (s.cpu() - f).abs() > tol * f.abs() + 1e-4
@@ -291,12 +385,28 @@ def _verify(cache: TeacherCache, teacher: FeatureExtractor, dataset: Any, count:
             )
 
 
+class _Chunks(torch.utils.data.Dataset):
+    """Chunk ``c`` of the flat ``(index, view)`` order rendered: for DataLoader workers while building."""
+
+    def __init__(self, dataset: Any, num_views: int, total: int, batch_size: int) -> None:
+        self.dataset, self.num_views, self.total, self.batch_size = dataset, num_views, total, batch_size
+
+    def __len__(self) -> int:
+        return math.ceil(self.total / self.batch_size)
+
+    def __getitem__(self, c: int) -> tuple[int, Tensor]:
+        lo = c * self.batch_size
+        flat = torch.arange(lo, min(lo + self.batch_size, self.total))
+        return lo, self.dataset.render(flat // self.num_views, flat % self.num_views)
+
+
 def _build(teacher: FeatureExtractor, dataset: Any, entry: Path, keyed: dict[str, Any], *, dtype: str,
-           batch_size: int, max_gb: float, device: torch.device) -> None:
+           top_k: int | None, batch_size: int, num_workers: int, max_gb: float, device: torch.device) -> None:
     """Runs the teacher on every ``(index, view)`` and moves the finished entry to ``entry``.
 
     Runs under the entry's lock: any temporary directory of this key is a leftover of a crashed
-    build and is removed.
+    build and is removed. The size and ``top_k`` are checked on one probe forward, before
+    anything is written.
     """
     n, v = len(dataset), int(dataset.num_views)
     model = teacher.model
@@ -306,47 +416,68 @@ def _build(teacher: FeatureExtractor, dataset: Any, entry: Path, keyed: dict[str
         probe = _teacher_outputs(teacher, dataset, torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long), device)
         shapes = {"logits": list(probe.logits.shape[1:])}
         shapes.update({name: list(t.shape[1:]) for name, t in probe.features.items()})
-        itemsize = np.dtype(_DTYPES[dtype]).itemsize
-        size = n * v * sum(math.prod(s) for s in shapes.values()) * itemsize
+        num_classes = shapes["logits"][0]
+        if top_k is not None and top_k >= num_classes:
+            raise ConfigError("teacher_cache.top_k", f"must be below the teacher's {num_classes} classes, got {top_k} "
+                              "(null stores every logit)")
+        meta = {"key": keyed, "num_samples": n, "num_views": v, "features": list(probe.features), "shapes": shapes}
+        if top_k is not None:
+            meta["top_k"] = top_k
+        arrays_layout = layout(meta)
+        per_view = {name: math.prod(shape) * np.dtype(dt).itemsize for name, (_, shape, dt) in arrays_layout.items()}
+        size = n * v * sum(per_view.values())
         if size > max_gb * 1e9:
-            per_view = {k: math.prod(s) for k, s in shapes.items()}
             raise ConfigError(
                 "teacher_cache.max_gb", f"the cache would take {size / 1e9:.1f} GB ({n} samples x {v} views x "
-                f"{per_view} values x {itemsize} B) > max_gb={max_gb:g}; raise teacher_cache.max_gb, store "
-                "logits only (a method that reads fewer teacher features) or set teacher_cache.enabled=false"
+                f"{sum(per_view.values())} B: {per_view}) > max_gb={max_gb:g}; raise teacher_cache.max_gb, set "
+                "teacher_cache.top_k, store logits only (a method that reads fewer teacher features) or set "
+                "teacher_cache.enabled=false"
             )
         for stale in entry.parent.glob(f".{entry.name}.tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
         tmp = entry.with_name(f".{entry.name}.tmp-{os.getpid()}")
         tmp.mkdir(parents=True)
-        names = ["logits", *probe.features]
-        files = {"logits": "logits.npy", **{name: f"feature_{i}.npy" for i, name in enumerate(probe.features)}}
-        stored = {name: np.lib.format.open_memmap(tmp / files[name], mode="w+", dtype=_DTYPES[dtype],
-                                                  shape=(n, v, *shapes[name])) for name in names}
-        arrays = {name: a.reshape(n * v, *shapes[name]) for name, a in stored.items()}  # views, in (index, view) order
+        stored = {name: np.lib.format.open_memmap(tmp / file, mode="w+", dtype=dt, shape=(n, v, *shape))
+                  for name, (file, shape, dt) in arrays_layout.items()}
+        flat_arrays = {name: a.reshape(n * v, *a.shape[2:]) for name, a in stored.items()}  # in (index, view) order
         log.info("building the teacher cache %s: %d samples x %d views = %d teacher forwards (%.1f MB)",
                  entry, n, v, n * v, size / 1e6)
-        start, reported = time.time(), 0.0
-        for lo in range(0, n * v, batch_size):
-            flat = torch.arange(lo, min(lo + batch_size, n * v))
-            out = _teacher_outputs(teacher, dataset, flat // v, flat % v, device)
-            arrays["logits"][lo : lo + len(flat)] = out.logits.float().cpu().numpy()
-            for name in names[1:]:
-                arrays[name][lo : lo + len(flat)] = out.features[name].float().cpu().numpy()
-            done = (lo + len(flat)) / (n * v)
+        loader = torch.utils.data.DataLoader(_Chunks(dataset, v, n * v, batch_size), batch_size=None,
+                                             num_workers=num_workers)
+        start, reported, tail_mass = time.time(), 0.0, []
+        for lo, x in loader:
+            with torch.inference_mode():
+                out = teacher(x.to(device))
+            hi = lo + len(x)
+            parts = dict(out.features)
+            if top_k is None:
+                parts["logits"] = out.logits
+            else:
+                logits = out.logits.float()
+                parts["topk_values"], parts["topk_indices"], parts["tail"] = compress_top_k(logits, top_k)
+                left = parts["tail"] + math.log(num_classes - top_k) - torch.logsumexp(logits, dim=1)
+                tail_mass.append(left.exp().cpu().double())  # (b,), the probability the top-k leave out
+            for name, part in parts.items():
+                part = part.float() if part.is_floating_point() else part  # numpy has no bfloat16
+                flat_arrays[name][lo:hi] = part.cpu().numpy()  # cast to the stored dtype
+            done = hi / (n * v)
             if done - reported >= 0.1 or done == 1.0:
                 reported = done
                 log.info("teacher cache: %3.0f%% (%.0f s)", 100 * done, time.time() - start)
         for array in stored.values():
             array.flush()
-        del arrays, stored
+        del flat_arrays, stored
     finally:
         model.to(before).train(was_training)
-    meta = {
-        "key": keyed, "num_samples": n, "num_views": v, "features": names[1:], "shapes": shapes,
+    meta.update({
         "teacher_forwards": n * v, "build_time_s": round(time.time() - start, 2),
         "created": time.strftime("%Y-%m-%d %H:%M:%S"), "device": str(device),
-    }
+    })
+    if tail_mass:
+        mass = torch.cat(tail_mass)
+        meta["tail_mass"] = {"mean": float(mass.mean()), "max": float(mass.max())}
+        log.info("teacher cache: the top %d logits leave out %.3g of the probability on average (at most %.3g)",
+                 top_k, meta["tail_mass"]["mean"], meta["tail_mass"]["max"])
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     if entry.exists():  # an incomplete entry (no meta.json): replace it
         shutil.rmtree(entry)

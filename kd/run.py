@@ -189,7 +189,8 @@ def teacher_cache(cfg: DictConfig, teacher_fx: FeatureExtractor | None, datamodu
     device = trainer.strategy.root_device
     return open_cache(
         teacher_fx, datamodule.splits["train"] if hasattr(datamodule, "splits") else None, node.dir,
-        dtype=node.dtype, batch_size=int(node.batch_size), max_gb=float(node.max_gb), verify=int(node.verify),
+        dtype=node.dtype, top_k=node.top_k, batch_size=int(node.batch_size), num_workers=node.num_workers,
+        max_gb=float(node.max_gb), verify=int(node.verify),
         device=device if device.type == "cuda" else "cpu", build=not multi_process_launch(), data_key="data",
     )
 

@@ -140,6 +140,73 @@ def test_stale_or_corrupt_caches_are_rebuilt_or_refused_clearly(tmp_path: Path) 
         open_cache(teacher, dm.splits["train"], root, verify=0)
 
 
+def test_a_top_k_cache_keeps_the_top_logits_and_the_probability_of_the_rest(tmp_path: Path) -> None:
+    root = write_cifar(tmp_path / "data", dataset="cifar100", n_train=22, n_test=10, seed=0, labels_used=5)
+    dm = CIFARDataModule(root=str(root), dataset="cifar100", val_size=10, augment=True, batch_size=8)
+    dm.setup("fit")
+    train, k = dm.splits["train"], 5
+    torch.manual_seed(0)
+    net = resnet8(num_classes=100).eval()
+    teacher = FeatureExtractor(net, [], key="distill.teacher_nodes", input_shape=(3, 32, 32))
+    cache = open_cache(teacher, train, tmp_path / "cache", dtype="float32", top_k=k, verify=8)
+    n = len(train)
+    index, views = torch.arange(n).repeat_interleave(162), torch.arange(162).repeat(n)
+    with torch.no_grad():
+        full = teacher(train.render(index, views)).logits  # (n * 162, 100)
+    got = cache.lookup(index, views).logits
+    top, classes = full.topk(k, dim=1)
+    # the teacher's top k classes and their logits, exactly
+    torch.testing.assert_close(got.gather(1, classes), top, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got.topk(k, dim=1).indices.sort(1).values, classes.sort(1).values)
+    # one value for every other class, carrying exactly the probability mass the top k leave out
+    rest = got.scatter(1, classes, float("nan"))
+    others = rest[~rest.isnan()].view(len(got), 100 - k)
+    assert torch.all(others == others[:, :1])
+    torch.testing.assert_close(torch.logsumexp(got, 1), torch.logsumexp(full, 1), rtol=1e-5, atol=1e-5)
+    p, q = full.softmax(1), got.softmax(1)
+    torch.testing.assert_close(q.gather(1, classes), p.gather(1, classes), rtol=1e-5, atol=1e-6)
+    left_out = 1 - p.gather(1, classes).sum(1)  # (rows,)
+    torch.testing.assert_close(q.scatter(1, classes, 0.0).sum(1), left_out, rtol=1e-4, atol=1e-6)
+    meta = json.loads((cache.directory / "meta.json").read_text())
+    assert meta["tail_mass"]["mean"] == pytest.approx(float(left_out.mean()), rel=1e-4)
+    assert meta["tail_mass"]["max"] == pytest.approx(float(left_out.max()), rel=1e-4)
+    # stored compactly: k values (float32), k class indices (int16) and the tail (float32) per view
+    assert cache.nbytes == n * 162 * (k * 4 + k * 2 + 4)
+    assert sorted(p.name for p in cache.directory.glob("*.npy")) == ["tail.npy", "topk_indices.npy", "topk_values.npy"]
+
+    # another k, full logits and float16 are other entries; float16 values within half an ulp
+    half = open_cache(teacher, train, tmp_path / "cache", dtype="float16", top_k=k, verify=8)
+    dirs = {cache.directory, half.directory, open_cache(teacher, train, tmp_path / "cache", top_k=10, verify=0).directory,
+            open_cache(teacher, train, tmp_path / "cache", verify=0).directory}
+    assert len(dirs) == 4
+    err = (half.lookup(index, views).logits.gather(1, classes) - top).abs()
+    assert torch.all(err <= top.abs() * 2.0**-11 + 2.0**-24)
+
+    # a changed tail or wrong classes are refused when spot-checked
+    entry = cache.directory
+    tail = np.load(entry / "tail.npy", mmap_mode="r+")
+    tail[:] += 0.5
+    tail.flush()
+    del tail
+    with pytest.raises(ConfigError, match=rf"^teacher_cache: {entry} disagrees with the teacher on the tail"):
+        open_cache(teacher, train, tmp_path / "cache", dtype="float32", top_k=k, verify=4)
+    np.save(entry / "tail.npy", np.asarray(cache.rows(index, views)["tail"].view(n, 162) - 0.5, dtype=np.float32))
+    cache._arrays = None
+    indices = np.load(entry / "topk_indices.npy", mmap_mode="r+")
+    indices[..., 0] = (indices[..., 0] + 50) % 100  # the top class replaced by one outside the top k, mostly
+    indices.flush()
+    del indices
+    with pytest.raises(ConfigError, match=rf"^teacher_cache: {entry} (does not hold the teacher's top 5|disagrees .* top-k logits)"):
+        open_cache(teacher, train, tmp_path / "cache", dtype="float32", top_k=k, verify=16)
+
+    # a k the teacher cannot have is refused before anything is written
+    with pytest.raises(ConfigError, match=r"^teacher_cache.top_k: must be below the teacher's 100 classes, got 100"):
+        open_cache(teacher, train, tmp_path / "other", top_k=100)
+    with pytest.raises(ConfigError, match=r"^teacher_cache.top_k: must be an integer >= 1"):
+        open_cache(teacher, train, tmp_path / "other", top_k=0)
+    assert not any(p.is_dir() for p in (tmp_path / "other").glob("*"))
+
+
 def test_bad_cache_settings_fail_before_anything_is_built(tmp_path: Path) -> None:
     dm = _cifar(tmp_path)
     root = tmp_path / "cache"
