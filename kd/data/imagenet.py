@@ -5,7 +5,9 @@ sorted into class folders, which is what ``torchvision.datasets.ImageNet`` also 
 official validation set is kd's test set; kd's validation split is ``val_per_class`` images per
 class carved from the training set with a fixed seed, so model selection never sees the test set.
 Training images: RandomResizedCrop + horizontal flip; evaluation: resize to 256/224 of the crop,
-center crop. Read with ``torchvision.datasets.ImageFolder``; classes are the sorted folder names
+center crop. With ``views=E`` the training crops are instead ``E`` pre-drawn ones per image
+(``CropViews``, as in FKD), distributed as the random ones, so a teacher's outputs on them can be
+cached. Read with ``torchvision.datasets.ImageFolder``; classes are the sorted folder names
 (WNIDs for ImageNet), the order ``torchvision.datasets.ImageNet`` uses too.
 
 When those folders are missing but ``<root>`` holds the official ILSVRC2012 archives
@@ -39,10 +41,10 @@ from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder, ImageNet
 from torchvision.transforms import v2
 
+from kd.data.crops import MEAN, STD, CropViews, crop_seed  # noqa: F401 (re-exported)
 from kd.data.splits import SplitDataModule
 from kd.errors import ConfigError, check_int
 
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 SPLITS = ("train", "val")
 # The official file names, which torchvision.datasets.ImageNet also expects.
 ARCHIVES = {"devkit": "ILSVRC2012_devkit_t12.tar.gz", "train": "ILSVRC2012_img_train.tar", "val": "ILSVRC2012_img_val.tar"}
@@ -193,6 +195,10 @@ class ImageNetDataModule(SplitDataModule):
         val_per_class: Training images per class held out for validation.
         split_seed: Seed of that split.
         num_workers: DataLoader workers (decoding JPEGs needs several).
+        views: None: a fresh random crop of each training image every time. An integer ``E``:
+            ``E`` crops pre-drawn per training image (``CropViews``, FKD), one of which is served
+            each time, so the teacher's outputs on every training input can be cached.
+        views_seed: Seed of those crops.
 
     Attributes:
         class_names: After ``setup``, the name of each class: its words from ``<root>/meta.bin``
@@ -216,12 +222,18 @@ class ImageNetDataModule(SplitDataModule):
         val_per_class: int = 10,
         split_seed: int = 0,
         num_workers: int = 8,
+        views: int | None = None,
+        views_seed: int = 0,
     ) -> None:
         super().__init__()
         for name, value, low in (("num_classes", num_classes, 2), ("image_size", image_size, 8),
                                  ("batch_size", batch_size, 1), ("val_per_class", val_per_class, 1),
                                  ("split_seed", split_seed, 0), ("num_workers", num_workers, 0)):
             check_int(name, value, low, valid=f">= {low}")
+        if views is not None:
+            check_int("views", views, 1, valid=">= 1 (crops pre-drawn per training image), or null for fresh random crops")
+        check_int("views_seed", views_seed, 0, valid=">= 0")
+        self.views, self.views_seed = views, views_seed
         self.root = Path(root)
         self.num_classes = num_classes
         self.input_shape = (3, image_size, image_size)
@@ -232,7 +244,7 @@ class ImageNetDataModule(SplitDataModule):
         self.train_transform = v2.Compose([v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip(), *normalize])
         resize = round(image_size * 256 / 224)
         self.eval_transform = v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(image_size), *normalize])
-        self.splits: dict[str, IndexedImages] = {}
+        self.splits: dict[str, IndexedImages | CropViews] = {}
         self.class_names: list[str] = []
 
     def prepare_data(self) -> None:
@@ -264,7 +276,8 @@ class ImageNetDataModule(SplitDataModule):
         train_idx, val_idx = _carve(np.asarray(train.targets), self.val_per_class, self.split_seed)
         self.split_indices = {"train": train_idx, "val": val_idx}
         self.splits = {
-            "train": IndexedImages(train, train_idx, self.train_transform),
+            "train": IndexedImages(train, train_idx, self.train_transform) if self.views is None
+            else CropViews(train, train_idx, self.input_shape[-1], self.views, self.views_seed),
             "val": IndexedImages(train, val_idx, self.eval_transform),
             "test": IndexedImages(test, np.arange(len(test)), self.eval_transform),
         }

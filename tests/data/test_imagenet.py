@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import math
+import os
+import pickle
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -12,12 +16,14 @@ import numpy as np
 import pytest
 import torch
 from torch import Tensor
-from torchvision.datasets import ImageNet
+from torchvision.datasets import ImageFolder, ImageNet
 from torchvision.datasets import imagenet as tv_imagenet
+from torchvision.transforms import InterpolationMode, RandomResizedCrop
+from torchvision.transforms.v2 import functional as F
 
 import kd.data.imagenet as kd_imagenet
-from kd.data.imagenet import MEAN, STD, ImageNetDataModule
-from kd.errors import ConfigError
+from kd.data.imagenet import MEAN, STD, CropViews, ImageNetDataModule, IndexedImages, crop_seed
+from kd.errors import ConfigError, instantiate_checked
 from kd.run import run
 from tests.datagen import write_image_folder, write_imagenet_archives
 
@@ -57,6 +63,24 @@ def test_a_run_on_an_image_folder(make_cfg, tmp_path: Path) -> None:
     results = run(make_cfg("data=imagenet", f"data.root={root}", "data.num_classes=3", "data.image_size=32",
                            "data.batch_size=4", "data.val_per_class=2", "data.num_workers=0", "experiment=digits_resnet"))
     assert results["status"] == "completed" and results["data"]["input_shape"] == [3, 32, 32]
+
+
+def test_a_run_on_pre_drawn_crops_caches_the_teachers_top_k(make_cfg, tmp_path: Path) -> None:
+    """FKD end to end: data.views makes ImageNet's crops a finite set, so the teacher's top-k is stored once."""
+    root = write_image_folder(tmp_path / "imagenet")
+    base = ("data=imagenet", f"data.root={root}", "data.num_classes=3", "data.image_size=32", "data.batch_size=4",
+            "data.val_per_class=2", "data.num_workers=0", "experiment=digits_resnet", "teacher_cache.enabled=true",
+            "report.enabled=false")
+    with pytest.raises(ConfigError, match=r"^teacher_cache.enabled: .* RandomResizedCrop .* data.views=E"):
+        run(make_cfg(*base))
+    results = run(make_cfg(*base, "data.views=2", "data.views_seed=5", "teacher_cache.top_k=2", run_dir="fkd"))
+    assert results["status"] == "completed"
+    (meta_file,) = (tmp_path / "outputs" / "teacher_cache").glob("*/meta.json")
+    meta = json.loads(meta_file.read_text())
+    train = len(ImageFolder(str(root / "train"))) - 3 * 2  # val_per_class images of each class held out
+    assert (meta["top_k"], meta["num_views"], meta["num_samples"], meta["teacher_forwards"]) == (2, 2, train, 2 * train)
+    assert meta["key"]["data"]["spec"]["seed"] == 5 and meta["key"]["data"]["spec"]["num_views"] == 2
+    assert 0 <= meta["tail_mass"]["mean"] <= meta["tail_mass"]["max"] <= 1  # this one-step teacher is all but certain
 
 
 def official_md5s(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -225,3 +249,182 @@ def test_a_run_on_the_official_archives(make_cfg, archives: Path) -> None:
                            "data.batch_size=4", "data.val_per_class=2", "data.num_workers=0", "experiment=digits_resnet"))
     assert results["status"] == "completed" and results["data"]["test_size"] == 6
     assert (archives / "train").is_dir() and (archives / "val").is_dir()
+
+
+# FKD-style pre-drawn crops (data.views): kd.data.imagenet.CropViews
+
+def crop_views(root: Path, views: int = 4, seed: int = 0, size: int = 24) -> CropViews:
+    """The views of every image of ``<root>/train``, in ImageFolder order."""
+    folder = ImageFolder(str(root / "train"))
+    return CropViews(folder, np.arange(len(folder)), size, views, seed)
+
+
+def by_hand(cv: CropViews, i: int, view: int) -> Tensor:
+    """View ``view`` of image ``i`` made with torchvision's functional API from the PIL image and ``crop``."""
+    pil = cv.folder.loader(cv.folder.samples[int(cv.indices[i])][0])
+    top, left, h, w, flipped = cv.crop(i, view, *pil.size)
+    x = F.resized_crop(F.to_image(pil), top, left, h, w, [cv.image_size] * 2, InterpolationMode.BILINEAR, antialias=True)
+    x = F.horizontal_flip(x) if flipped else x
+    return F.normalize(F.to_dtype(x, torch.float32, scale=True), MEAN, STD).as_subclass(Tensor)
+
+
+def test_crop_views_render_what_torchvision_makes_of_the_drawn_crops(tmp_path: Path) -> None:
+    root = write_image_folder(tmp_path / "imagenet")
+    dm = ImageNetDataModule(root=str(root), num_classes=3, image_size=24, batch_size=4, val_per_class=2, num_workers=0,
+                            views=5, views_seed=7)
+    dm.setup()
+    cv = dm.splits["train"]
+    assert isinstance(cv, CropViews) and len(cv) == 12 and cv.num_views == 5
+    assert torch.equal(cv.targets, torch.as_tensor(np.asarray(cv.folder.targets)[dm.split_indices["train"]]))
+    sizes = [cv.folder.loader(cv.folder.samples[int(k)][0]).size for k in cv.indices]
+    assert sum(w != h for w, h in sizes) >= 10  # non-square images: rows and columns are not interchangeable
+
+    index = torch.tensor([0, 0, 0, 0, 0, 5, 11, 3, 5])
+    views = torch.tensor([0, 1, 2, 3, 4, 1, 4, 2, 1])  # (5, 1) twice: the same input twice
+    x = cv.render(index, views)  # (B, 3, S, S)
+    assert x.shape == (9, 3, 24, 24) and x.dtype == torch.float32
+    for b, (i, v) in enumerate(zip(index.tolist(), views.tolist())):
+        assert torch.equal(x[b], by_hand(cv, i, v)), (i, v)
+        # the module's own random training transform, its RNG seeded as the view's generator is
+        torch.manual_seed(crop_seed(7, i, v))
+        assert torch.equal(x[b], dm.train_transform(F.pil_to_tensor(cv.folder.loader(cv.folder.samples[int(cv.indices[i])][0]))))
+    flips = {cv.crop(i, v, *sizes[i])[4] for i, v in zip(index.tolist(), views.tolist())}
+    assert flips == {False, True}
+
+    # the DataLoader path: __getitem__ draws the view from the global RNG and renders the same numbers
+    torch.manual_seed(0)
+    items = [cv[i] for i in (0, 5, 11) for _ in range(12)]
+    assert {item["view"] for item in items} == set(range(5))
+    for item in items[::5]:
+        assert torch.equal(item["input"], by_hand(cv, item["index"], item["view"]))
+        assert item["target"] == int(cv.targets[item["index"]])
+    batch = next(iter(dm.train_dataloader()))
+    assert torch.equal(batch["input"], cv.render(batch["index"], batch["view"]))
+    assert torch.equal(batch["target"], cv.targets[batch["index"]])
+    assert cv.draw_views(1000, torch.Generator().manual_seed(0)).unique().tolist() == list(range(5))
+
+
+def test_crop_views_are_fixed_by_seed_image_and_view(tmp_path: Path) -> None:
+    root = write_image_folder(tmp_path / "imagenet")
+    cv = crop_views(root, views=6, seed=1)
+    pairs = [(i, v) for i in range(len(cv)) for v in range(6)]
+    crops = [cv.crop(i, v, 300, 200) for i, v in pairs]
+    before = torch.get_rng_state()
+    index, views = torch.tensor([0, 0, 0, 0, 0, 0, 7]), torch.tensor([0, 1, 2, 3, 4, 5, 2])
+    x = cv.render(index, views)
+    assert torch.equal(torch.get_rng_state(), before)  # Lightning's seeding of the global RNG is left alone
+
+    for again in (crop_views(root, views=6, seed=1), pickle.loads(pickle.dumps(cv))):
+        assert [again.crop(i, v, 300, 200) for i, v in pairs] == crops
+        assert torch.equal(again.render(index, views), x)
+    assert len(set(crops)) == len(crops)  # every view of every image is a crop of its own
+    assert all(not torch.equal(x[a], x[b]) for a in range(6) for b in range(a))
+    other = crop_views(root, views=6, seed=2)
+    assert sum(other.crop(i, v, 300, 200) == c for (i, v), c in zip(pairs, crops)) == 0
+    assert not torch.equal(other.render(index, views), x)
+    spec = cv.spec()
+    assert json.loads(json.dumps(spec)) == spec and other.spec() != spec
+    assert {k: spec[k] for k in ("kind", "size", "scale", "ratio", "flip", "seed", "num_views")} == {
+        "kind": "random_resized_crop", "size": 24, "scale": [0.08, 1.0], "ratio": [0.75, 4 / 3], "flip": True, "seed": 1,
+        "num_views": 6}
+
+
+def test_crop_views_are_distributed_as_random_resized_crop_and_flip(tmp_path: Path) -> None:
+    cv = crop_views(write_image_folder(tmp_path / "imagenet", classes=2, per_class=1), views=8, seed=3)
+    # common photo shapes, one so wide that most of the ten attempts fail, and one so narrow that
+    # all do: its fallback (the full width, as tall as the ratio range allows) is below the scale range
+    shapes = [(500, 375), (375, 500), (224, 224), (1000, 100), (40, 800)]
+    n = 4000
+    size_of = [shapes[k] for k in np.random.default_rng(0).integers(len(shapes), size=n)]
+    crops = [cv.crop(k // 8, k % 8, *size_of[k]) for k in range(n)]
+
+    def fallback(width: int, height: int) -> tuple[int, int, int, int]:
+        if width / height < 3 / 4:
+            w, h = width, round(width / (3 / 4))
+        elif width / height > 4 / 3:
+            w, h = round(height * 4 / 3), height
+        else:
+            w, h = width, height
+        return (height - h) // 2, (width - w) // 2, h, w
+
+    def in_range(width: int, height: int, h: int, w: int) -> bool:
+        # w and h are rounded from sqrt(area * r) and sqrt(area / r): each within 0.5 of its real value
+        area = width * height
+        return ((w + 0.5) * (h + 0.5) >= 0.08 * area and (w - 0.5) * (h - 0.5) <= area
+                and (w + 0.5) / (h - 0.5) >= 0.75 and (w - 0.5) / (h + 0.5) <= 4 / 3)
+
+    fallbacks = {s: 0 for s in shapes}
+    for (width, height), (top, left, h, w, _) in zip(size_of, crops):
+        assert 0 <= top and top + h <= height and 0 <= left and left + w <= width and h > 0 and w > 0
+        assert in_range(width, height, h, w) or (top, left, h, w) == fallback(width, height), ((width, height), (top, left, h, w))
+        fallbacks[(width, height)] += (top, left, h, w) == fallback(width, height) and not in_range(width, height, h, w)
+    assert fallbacks[(40, 800)] == size_of.count((40, 800)) > 0 and fallbacks[(500, 375)] == 0
+
+    flips = sum(c[4] for c in crops)
+    assert abs(flips - n / 2) < 5 * math.sqrt(n) / 2  # 5 binomial standard deviations
+
+    # torchvision's own sampler, over as many draws on the same shapes
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        reference = [RandomResizedCrop.get_params(torch.empty(1, 1, 1).expand(3, h, w), [0.08, 1.0], [3 / 4, 4 / 3])
+                     for w, h in size_of]
+        # and the exact numbers: the global RNG seeded as each view's generator draws the same crop and flip
+        for k in range(0, n, 13):
+            torch.manual_seed(crop_seed(3, k // 8, k % 8))
+            width, height = size_of[k]
+            drawn = RandomResizedCrop.get_params(torch.empty(1, 1, 1).expand(3, height, width), [0.08, 1.0], [3 / 4, 4 / 3])
+            assert crops[k] == (*drawn, bool(torch.rand(1) < 0.5))
+
+    def area_and_log_ratio(params: list, sizes: list) -> tuple[float, float]:
+        area = np.mean([h * w / (width * height) for (_, _, h, w, *_), (width, height) in zip(params, sizes)])
+        return float(area), float(np.mean([math.log(w / h) for _, _, h, w, *_ in params]))
+
+    ours, theirs = area_and_log_ratio(crops, size_of), area_and_log_ratio(reference, size_of)
+    assert abs(ours[0] - theirs[0]) < 0.03  # the standard error of the difference is ~0.006
+    assert abs(ours[1] - theirs[1]) < 0.03  # ~0.005
+
+
+def test_content_digest_follows_paths_sizes_and_labels(tmp_path: Path) -> None:
+    root = write_image_folder(tmp_path / "imagenet")
+    digest = crop_views(root).content_digest()
+    assert len(digest) == 64 and crop_views(root, views=2, seed=5).content_digest() == digest
+    os.utime(root / "train" / "n00000000" / "0.JPEG", ns=(0, 0))  # touched, not changed
+    assert crop_views(root).content_digest() == digest
+    moved = shutil.copytree(root, tmp_path / "elsewhere" / "imagenet")  # paths relative to the folder
+    assert crop_views(moved).content_digest() == digest
+    cv = crop_views(root)
+    assert CropViews(cv.folder, cv.indices[:-1], 24, 4, 0).content_digest() != digest
+
+    last = root / "train" / "n00000000" / "5.JPEG"
+    last.rename(last.with_name("9.JPEG"))  # still last in its class: only the name differs
+    assert crop_views(root).content_digest() != digest
+    last.with_name("9.JPEG").rename(last)
+    assert crop_views(root).content_digest() == digest
+    with open(root / "train" / "n00000001" / "0.JPEG", "ab") as f:
+        f.write(b"\0")
+    assert crop_views(root).content_digest() != digest
+    shutil.move(moved / "train" / "n00000002" / "5.JPEG", moved / "train" / "n00000001" / "5b.JPEG")  # relabelled
+    assert crop_views(moved).content_digest() != digest
+
+
+def test_views_are_checked_and_null_keeps_the_random_transform(make_cfg, tmp_path: Path) -> None:
+    for bad in (0, -1):
+        with pytest.raises(ConfigError) as error:
+            instantiate_checked(make_cfg("data=imagenet", f"data.views={bad}").data, "data")
+        assert str(error.value) == (f"data.views: must be an integer >= 1 (crops pre-drawn per training image), "
+                                    f"or null for fresh random crops, got {bad}")
+    with pytest.raises(ConfigError, match=r"^data.views_seed: must be an integer >= 0, got -1$"):
+        instantiate_checked(make_cfg("data=imagenet", "data.views=2", "data.views_seed=-1").data, "data")
+
+    root = write_image_folder(tmp_path / "imagenet")
+    dm = instantiate_checked(make_cfg("data=imagenet", f"data.root={root}", "data.num_classes=3", "data.val_per_class=2",
+                                      "data.image_size=16").data, "data")
+    dm.setup()
+    assert dm.views is None and type(dm.splits["train"]) is IndexedImages
+    assert dm.splits["train"].transform is dm.train_transform
+    fkd = datamodule(root)
+    fkd.views = 3
+    fkd.setup()
+    assert type(fkd.splits["train"]) is CropViews and fkd.splits["train"].num_views == 3
+    assert all(type(fkd.splits[s]) is IndexedImages and fkd.splits[s].transform is fkd.eval_transform for s in ("val", "test"))
+    assert np.array_equal(fkd.splits["train"].indices, dm.split_indices["train"])

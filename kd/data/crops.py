@@ -1,0 +1,162 @@
+"""FKD-style pre-drawn crops: a finite set of RandomResizedCrop + flip views per image, so a
+teacher's outputs on every training input can be computed once and stored (``kd.cache``).
+
+FKD: Shen & Xing, "A Fast Knowledge Distillation Framework for Visual Recognition", ECCV 2022,
+arXiv:2112.01528.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+from torchvision.datasets import ImageFolder
+from torchvision.transforms import v2
+
+from kd.errors import check_int
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's channel statistics
+
+def crop_seed(seed: int, i: int, view: int) -> int:
+    """The seed of view ``view`` of image ``i``: a stable 63-bit hash of the three (not Python's ``hash``)."""
+    digest = hashlib.blake2b(f"{int(seed)},{int(i)},{int(view)}".encode(), digest_size=8).digest()  # tensors too
+    return int.from_bytes(digest, "little") >> 1
+
+
+class CropViews(Dataset):
+    """An ImageFolder subset in ``num_views`` pre-drawn RandomResizedCrop + flip views per image (FKD).
+
+    FKD (Shen & Xing, "A Fast Knowledge Distillation Framework for Visual Recognition", ECCV 2022,
+    arXiv:2112.01528) fixes, for every training image, a finite set of crops whose teacher outputs
+    are stored once. View ``v`` of image ``i`` is drawn from a ``torch.Generator`` seeded with
+    ``crop_seed(seed, i, v)``, by the steps of torchvision's ``RandomResizedCrop`` (10 attempts,
+    then the centre crop clamped to the ratio range) followed by ``rand() < 0.5`` for the flip: the
+    same numbers ``v2.Compose([RandomResizedCrop, RandomHorizontalFlip])`` draws from a global RNG
+    seeded with ``crop_seed(seed, i, v)``, so each view is distributed exactly as the random
+    transform. Views are rendered on the decoded uint8 tensor (bilinear, antialiased), then scaled
+    to ``[0, 1]`` and normalised with ``MEAN`` / ``STD``.
+
+    Args:
+        folder: The ImageFolder.
+        indices: Which of its samples, in order; ``index`` (and ``i`` above) is the position in this list.
+        image_size: Side ``S`` of the square crops.
+        num_views: Views per image (FKD: one per epoch).
+        seed: Seed of the views.
+        scale: Range of the crop's area, as a fraction of the image's.
+        ratio: Range of the crop's aspect ratio (width / height).
+
+    Raises:
+        ConfigError: If ``num_views`` is not an integer >= 1 or ``seed`` not one >= 0.
+    """
+
+    def __init__(self, folder: ImageFolder, indices: np.ndarray, image_size: int, num_views: int, seed: int,
+                 scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> None:
+        self.num_views = check_int("views", num_views, 1, valid=">= 1")
+        self.seed = check_int("views_seed", seed, 0, valid=">= 0")
+        self.folder = folder
+        self.indices = indices
+        self.image_size = image_size
+        self.scale = (float(scale[0]), float(scale[1]))
+        self.ratio = (float(ratio[0]), float(ratio[1]))
+        # in float32 first, as torchvision computes it, so that the drawn numbers are the same
+        self._log_ratio = tuple(float(r) for r in torch.log(torch.tensor(self.ratio)))
+        self.targets = torch.as_tensor(np.asarray(folder.targets)[indices], dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def spec(self) -> dict[str, Any]:
+        """What decides the inputs besides the files' contents, for cache keys."""
+        return {"kind": "random_resized_crop", "size": self.image_size, "scale": list(self.scale), "ratio": list(self.ratio),
+                "flip": True, "seed": self.seed, "num_views": self.num_views, "interpolation": "bilinear", "antialias": True,
+                "draw": "torch.Generator(crop_seed(seed, i, view)): RandomResizedCrop params, then rand < 0.5 flips",
+                "normalize": [list(MEAN), list(STD)]}
+
+    def content_digest(self) -> str:
+        """SHA-256 of each sample's path relative to the folder root, file size and target, in order.
+
+        Reading every byte of ImageNet's 140 GB would take longer than training an epoch; a file
+        rewritten in place at the same size goes unnoticed (the cache's spot checks against the
+        teacher are what catch that).
+        """
+        h = hashlib.sha256()
+        root = Path(self.folder.root)
+        for k in self.indices:
+            path, target = self.folder.samples[int(k)]
+            h.update(f"{Path(path).relative_to(root).as_posix()}\0{os.stat(path).st_size}\0{target}\n".encode())
+        return h.hexdigest()
+
+    def draw_views(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """``(n,)`` views drawn uniformly."""
+        return torch.randint(self.num_views, (n,), generator=generator)
+
+    def crop(self, i: int, view: int, width: int, height: int) -> tuple[int, int, int, int, bool]:
+        """``(top, left, h, w, flipped)`` of view ``view`` of image ``i``, a ``width`` x ``height`` image.
+
+        torchvision's ``RandomResizedCrop.make_params`` step for step (and the flip of
+        ``RandomHorizontalFlip(0.5)``), on a generator of its own: the global RNG is not touched.
+        """
+        g = torch.Generator().manual_seed(crop_seed(self.seed, i, view))
+        area = height * width
+        for _ in range(10):
+            target_area = area * torch.empty(1).uniform_(self.scale[0], self.scale[1], generator=g).item()
+            aspect_ratio = torch.exp(torch.empty(1).uniform_(*self._log_ratio, generator=g)).item()
+            w = int(round(math.sqrt(target_area * aspect_ratio)))
+            h = int(round(math.sqrt(target_area / aspect_ratio)))
+            if 0 < w <= width and 0 < h <= height:
+                top = int(torch.randint(0, height - h + 1, size=(1,), generator=g).item())
+                left = int(torch.randint(0, width - w + 1, size=(1,), generator=g).item())
+                break
+        else:  # the whole image, clamped to the ratio range, centred
+            in_ratio = width / height
+            if in_ratio < min(self.ratio):
+                w, h = width, int(round(width / min(self.ratio)))
+            elif in_ratio > max(self.ratio):
+                w, h = int(round(height * max(self.ratio))), height
+            else:
+                w, h = width, height
+            top, left = (height - h) // 2, (width - w) // 2
+        flipped = bool(torch.rand(1, generator=g).item() < 0.5)
+        return top, left, h, w, flipped
+
+    def _load(self, i: int) -> Tensor:
+        """Image ``i`` decoded, ``(3, H, W)`` uint8."""
+        return v2.functional.pil_to_tensor(self.folder.loader(self.folder.samples[int(self.indices[i])][0]))
+
+    def _view(self, image: Tensor, i: int, view: int) -> Tensor:
+        """View ``view`` of image ``i`` (``image``, ``(3, H, W)`` uint8), normalised ``(3, S, S)`` float32."""
+        top, left, h, w, flipped = self.crop(i, view, image.shape[-1], image.shape[-2])
+        s = self.image_size
+        x = v2.functional.resized_crop(image, top, left, h, w, [s, s], antialias=True)  # (3, S, S) uint8, bilinear
+        if flipped:
+            x = v2.functional.horizontal_flip(x)
+        # the kernels v2.ToDtype(scale=True) and v2.Normalize run, for the same float numbers
+        return v2.functional.normalize(v2.functional.to_dtype(x, torch.float32, scale=True), MEAN, STD)
+
+    def render(self, index: Tensor, views: Tensor) -> Tensor:
+        """The normalised float inputs ``(B, 3, S, S)`` of images ``index`` ``(B,)`` in views ``views`` ``(B,)``.
+
+        Each distinct image is decoded once, however many of its views the batch holds.
+        """
+        index, views = index.cpu().tolist(), views.cpu().tolist()
+        out = torch.empty(len(index), 3, self.image_size, self.image_size)  # (B, 3, S, S)
+        positions: dict[int, list[int]] = {}
+        for b, i in enumerate(index):
+            positions.setdefault(i, []).append(b)
+        for i, bs in positions.items():
+            image = self._load(i)  # (3, H, W) uint8
+            for b in bs:
+                out[b] = self._view(image, i, views[b])
+        return out
+
+    def __getitem__(self, i: int) -> dict[str, Tensor | int]:
+        i = int(i)
+        view = int(torch.randint(self.num_views, ()))  # the global RNG: Lightning seeds it, and each worker's
+        return {"input": self._view(self._load(i), i, view), "target": int(self.targets[i]), "index": i, "view": view}
