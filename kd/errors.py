@@ -1,4 +1,4 @@
-"""The one error type kd raises for bad input, and how the CLI prints it."""
+"""The errors kd raises for bad input (``ConfigError``) and for a run that diverged (``Diverged``)."""
 
 from __future__ import annotations
 
@@ -81,3 +81,26 @@ def instantiate_checked(node: Any, key: str, **kwargs: Any) -> Any:
         target = node.get("_target_", "?") if hasattr(node, "get") else "?"
         detail = f"{type(cause).__name__}: {cause}" if cause else str(e).splitlines()[0]
         raise ConfigError(key, f"cannot build {target}: {detail}") from e
+
+
+class Diverged(RuntimeError):
+    """A loss term became NaN or Inf: training stops before that step updates any weight.
+
+    Args:
+        term: The loss term (``train/loss_kd``).
+        value: Its value (``nan``, ``inf``, ``-inf``).
+        step: The optimizer step it was computed for (0-based: steps done before it).
+        epoch: The epoch (0-based).
+        batch: The batch of the epoch (0-based).
+    """
+
+    def __init__(self, term: str, value: float, step: int, epoch: int, batch: int) -> None:
+        self.term, self.value, self.step, self.epoch, self.batch = term, float(value), int(step), int(epoch), int(batch)
+        super().__init__(
+            f"{term} is {self.value} at step {self.step} (epoch {self.epoch}, batch {self.batch}); training stopped "
+            "before that step changed the weights. Lower the learning rate or the loss weights, or clip gradients "
+            "(trainer.gradient_clip_val)"
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"term": self.term, "value": str(self.value), "step": self.step, "epoch": self.epoch, "batch": self.batch}

@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from kd.cache import TeacherCache
+from kd.compress.base import compressions
 from kd.errors import ConfigError, instantiate_checked
 from kd.features import FeatureExtractor
 from kd.losses.base import DistillationLoss
@@ -106,6 +107,7 @@ def fit(
     teacher_cache: TeacherCache | None = None,
     channels_last: bool = False,
     compile: bool = False,
+    resume: Path | None = None,
 ) -> FitResult:
     """Trains, then evaluates the final weights and the best-validation checkpoint.
 
@@ -126,6 +128,8 @@ def fit(
         teacher_cache: The teacher's stored outputs (``kd.cache``), read instead of running it.
         channels_last: Channels-last memory layout for conv nets and image batches.
         compile: ``torch.compile`` the student's and teacher's forward.
+        resume: A checkpoint of this run to continue from (``kd.checkpoints``): weights,
+            optimizer, scheduler, callbacks, random generators and the position in the epoch.
 
     Returns:
         The measured metrics and the trained module.
@@ -147,7 +151,9 @@ def fit(
             stages, student_features=module.student_features, teacher_features=module.teacher_features,
             datamodule=datamodule, optimizer=optimizer, make_trainer=make_stage_trainer,
         )
-    trainer.fit(module, datamodule=datamodule)
+    if resume is not None:
+        check_resumable(module, resume, trainer)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume is not None else None)
     epochs = _epochs_trained(trainer)
     final = evaluate(trainer, module, datamodule)
 
@@ -163,6 +169,33 @@ def fit(
     best_epoch = _checkpoint_epoch(best_path)
     log.info("selected %s (epoch %s) on %s", Path(best_path).name, best_epoch, ckpt.monitor)
     return FitResult(best, final, "best_val", best_path, best_epoch, epochs, module, report)
+
+
+def check_resumable(module: DistillationModule, path: Path, trainer: L.Trainer) -> None:
+    """Refuses, before training, a checkpoint whose weights do not fit this run's modules.
+
+    Raises:
+        ConfigError: Naming the first mismatched, missing or unexpected entries.
+    """
+    io = trainer.strategy.checkpoint_io
+    state = io.load_checkpoint(path) if hasattr(io, "allow_pickle") else torch.load(path, map_location="cpu", weights_only=True)
+    epoch = int(state.get("epoch", -1))
+    for cb in compressions(trainer.callbacks):  # type: ignore[attr-defined]
+        if cb.changes_structure and epoch >= cb.start_epoch:
+            raise ConfigError("resume", f"{path} was written in epoch {epoch}, after {cb.key or type(cb).__name__} changed "
+                              f"the student's structure (from epoch {cb.start_epoch}); kd cannot resume such a run yet: "
+                              "start it again (resume=null), or resume from a checkpoint of an earlier epoch")
+    saved = {k: v for k, v in state.get("state_dict", {}).items() if not k.startswith("teacher.")}
+    own = {k: v for k, v in module.state_dict().items() if not k.startswith("teacher.")}
+    wrong = [f"{k} {tuple(saved[k].shape)} in the checkpoint vs {tuple(v.shape)} here"
+             for k, v in own.items() if k in saved and tuple(saved[k].shape) != tuple(v.shape)]
+    missing, unexpected = sorted(set(own) - set(saved)), sorted(set(saved) - set(own))
+    if wrong or missing or unexpected:
+        parts = [f"size mismatch for {wrong[0]}" if wrong else "",
+                 f"{len(missing)} missing keys (e.g. {missing[0]})" if missing else "",
+                 f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})" if unexpected else ""]
+        raise ConfigError("resume", f"{path} is a checkpoint of another model or method: "
+                          f"{'; '.join(p for p in parts if p)}; resume with the command that wrote it")
 
 
 def _epochs_trained(trainer: L.Trainer) -> int:

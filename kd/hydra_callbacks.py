@@ -6,10 +6,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import yaml
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, read_write
 
-from kd.results import RESULTS_FILE
+from kd.results import RESULTS_FILE, failed_run_error
 
 
 class RefuseUsedRunDir(Callback):
@@ -24,6 +25,8 @@ class RefuseUsedRunDir(Callback):
         self._refuse(Path(config.hydra.run.dir), "hydra.run.dir")
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if str(config.get("resume")) == "auto":  # an interrupted sweep again: kd-train skips the finished jobs
+            return
         sweep = Path(config.hydra.sweep.dir)
         found = next(sweep.rglob(RESULTS_FILE), None) if sweep.is_dir() else None
         if found is not None:
@@ -32,9 +35,54 @@ class RefuseUsedRunDir(Callback):
     @staticmethod
     def _refuse(run_dir: Path, key: str, found: Path | None = None) -> None:
         found = found or run_dir / RESULTS_FILE
+        failed = failed_run_error(found) if found.is_file() else ""
+        if failed:
+            print(f"kd-train: error: {key}: {run_dir} holds a run that failed ({failed}); resuming it would fail "
+                  "again: fix the cause and give the run a new directory", file=sys.stderr, flush=True)
+            sys.exit(2)
         if found.is_file():
             print(
                 f"kd-train: error: {key}: {run_dir} already holds the results of another run "
                 f"({found}); give this run a new directory", file=sys.stderr, flush=True,
             )
             sys.exit(2)
+
+
+def _without_resume(overrides: list[str]) -> list[str]:
+    return sorted(o for o in overrides if not o.lstrip("+~").startswith("resume="))
+
+
+def find_unfinished_run(runs: Path, overrides: list[str]) -> Path | None:
+    """The newest run directory under ``runs`` started with ``overrides`` (``resume=`` aside) that
+    has checkpoints and no ``results.json``."""
+    want = _without_resume(overrides)
+    found = []
+    for saved in runs.glob("*/*/.hydra/overrides.yaml") if runs.is_dir() else []:
+        run_dir = saved.parent.parent
+        if (run_dir / RESULTS_FILE).exists() or not any((run_dir / "checkpoints").glob("*.ckpt")):
+            continue
+        try:
+            saved_overrides = yaml.safe_load(saved.read_text()) or []
+        except (OSError, yaml.YAMLError):
+            continue
+        if isinstance(saved_overrides, list) and _without_resume([str(o) for o in saved_overrides]) == want:
+            found.append(run_dir)
+    return max(found, key=lambda d: d.stat().st_mtime) if found else None
+
+
+class ResumeRunDir(Callback):
+    """``kd-train ... resume=auto``, run again with the command that was interrupted, continues in
+    the newest unfinished run directory of the same overrides, not in a new timestamped one.
+
+    With ``hydra.run.dir`` given, that directory is used as it is.
+    """
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if str(config.get("resume")) != "auto":
+            return
+        if any(o.lstrip("+").startswith("hydra.run.dir=") for o in config.hydra.overrides.hydra):
+            return
+        found = find_unfinished_run(Path(str(config.paths.root)) / "runs", list(config.hydra.overrides.task))
+        if found is not None:
+            with read_write(config.hydra):
+                config.hydra.run.dir = str(found)

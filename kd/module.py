@@ -13,7 +13,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from kd.cache import TeacherCache
-from kd.errors import ConfigError
+from kd.errors import ConfigError, Diverged
 from kd.features import FeatureExtractor
 from kd.losses.base import DistillationLoss
 from kd.outputs import Batch, ModelOutput
@@ -176,6 +176,7 @@ class DistillationModule(L.LightningModule):
         teacher = self.teacher_outputs(batch, x) if self.teacher is not None else None
         terms = self.criterion(student, teacher, batch, epoch=self.current_epoch)
         loss = torch.stack(list(terms.values())).sum()
+        self._check_finite(terms, loss, batch_idx)
         n = len(y)
         for name, value in terms.items():
             self.log(f"train/loss_{name}", value, on_epoch=True, on_step=False, batch_size=n, sync_dist=True)
@@ -183,6 +184,30 @@ class DistillationModule(L.LightningModule):
         self.train_metrics.update(student.logits.detach(), y)
         self.log_dict(self.train_metrics, on_step=False, on_epoch=True, batch_size=n)
         return loss
+
+    def _check_finite(self, terms: dict[str, Tensor], loss: Tensor, batch_idx: int) -> None:
+        """Stops training at the first NaN/Inf term (or sum), before it reaches any weight.
+
+        One host sync per step, the price of stopping at once: a later check would let NaN
+        weights into the step checkpoints.
+
+        Raises:
+            Diverged: Naming the first non-finite term, the step, epoch and batch.
+        """
+        values = torch.stack([*(v.detach().float() for v in terms.values()), loss.detach().float()])
+        finite = torch.isfinite(values)
+        bad_here = (~finite).sum()
+        # every rank stops together: a rank that went on alone would wait forever in the next all-reduce
+        trainer = self._trainer
+        several = trainer is not None and trainer.world_size > 1
+        bad_anywhere = trainer.strategy.reduce(bad_here.float(), reduce_op="sum") if several else bad_here
+        if not bool(bad_anywhere):
+            return
+        if not bool(bad_here):
+            raise Diverged("a loss term on another rank", float("nan"), self.global_step, self.current_epoch, batch_idx)
+        bad = int((~finite).nonzero()[0, 0])
+        names = [f"train/loss_{name}" for name in terms] + ["train/loss"]
+        raise Diverged(names[bad], float(values[bad]), self.global_step, self.current_epoch, batch_idx)
 
     def _eval_step(self, batch: Batch, metrics: MetricCollection, stage: str) -> None:
         x, y = self._input(batch), batch["target"]

@@ -64,5 +64,12 @@ def main(cfg: DictConfig) -> None:
         sys.exit(2)
 
 
+def cli() -> None:
+    """The ``kd-nodes`` command: ``main`` with one-line errors for configs Hydra cannot compose."""
+    from kd.compose_errors import run_app
+
+    run_app(main, "kd-nodes")
+
+
 if __name__ == "__main__":
-    main()
+    cli()

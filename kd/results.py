@@ -47,6 +47,17 @@ def save_atomic(obj: Any, path: Path) -> None:
     _write_atomic(path, lambda f: torch.save(obj, f))
 
 
+def failed_run_error(path: Path) -> str:
+    """The error recorded in a ``results.json`` that marks a failed run (a divergence); '' otherwise."""
+    try:
+        results = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return ""
+    if not isinstance(results, dict) or results.get("status") != "failed":
+        return ""
+    return str(results.get("error") or "failed")
+
+
 def write_failure(run_dir: Path, error: BaseException, *, overrides: list[str]) -> Path | None:
     """Records a failed run as ``failure.json`` in ``run_dir``; never over a finished run's results.
 

@@ -17,16 +17,17 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 import kd
 from kd.cache import TeacherCache, open_cache
+from kd.checkpoints import SafeCheckpointIO, StepSeeds, find_resume, load_checkpoint
 from kd.compress.base import Compression, compressions
 from kd.compress.deploy import deploy_and_report
 from kd.compress.report import format_report
-from kd.errors import ConfigError, check_int, instantiate_checked
+from kd.errors import ConfigError, Diverged, check_int, instantiate_checked
 from kd.features import FeatureExtractor
 from kd.fit import build_optimization, fit
 from kd.loggers import finish_loggers, start_loggers
 from kd.method import prepare_method
 from kd.models.build import build_model, count_parameters
-from kd.results import RESULTS_FILE, STUDENT_WEIGHTS, git_info, save_atomic, summary_table, write_json_atomic
+from kd.results import RESULTS_FILE, STUDENT_WEIGHTS, failed_run_error, git_info, save_atomic, summary_table, write_json_atomic
 from kd.teacher import multi_process_launch, resolve_teacher
 
 log = logging.getLogger(__name__)
@@ -195,6 +196,27 @@ def teacher_cache(cfg: DictConfig, teacher_fx: FeatureExtractor | None, datamodu
     )
 
 
+def resume_checkpoint(cfg: DictConfig, output_dir: Path, *, allow_pickle: bool) -> Path | None:
+    """The checkpoint ``resume`` names: None for a fresh run.
+
+    Raises:
+        ConfigError: For a ``resume`` path that is missing or unreadable.
+    """
+    resume = cfg.get("resume")
+    if resume is None:
+        return None
+    if str(resume) == "auto":
+        found = find_resume(output_dir, allow_pickle=allow_pickle)
+        if found is None:
+            log.info("resume=auto: %s has no readable checkpoint; starting from scratch", output_dir)
+        else:
+            log.info("resume=auto: continuing from %s", found)
+        return found
+    path = Path(str(resume))
+    load_checkpoint(path, allow_pickle=allow_pickle, mmap=True)  # missing, corrupt or pickled: now, not mid-setup
+    return path
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Runs one experiment: builds and checks everything, gets a teacher, trains, tests, reports.
 
@@ -217,6 +239,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     check_launch(cfg)
     output_dir = Path(cfg.paths.output_dir)
     if (output_dir / RESULTS_FILE).exists():
+        failed = failed_run_error(output_dir / RESULTS_FILE)
+        if failed:
+            raise ConfigError("paths.output_dir", f"{output_dir} holds a run that failed ({failed}); resuming it would "
+                              "fail again: fix the cause and give the run a new directory (hydra.run.dir=...)")
         raise ConfigError(
             "paths.output_dir", f"{output_dir} already holds the {RESULTS_FILE} of another run; "
             "give the run a new directory (hydra.run.dir=...)"
@@ -235,9 +261,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     features = prepare_method(criterion, student, teacher, datamodule, tracer=cfg.features_tracer)
     optimization = build_optimization(cfg)
     loggers = instantiate_group(cfg.get("logger"), "logger")
+    allow_pickle = bool(OmegaConf.select(cfg, "checkpoint.allow_pickle", default=False))
+    resume = resume_checkpoint(cfg, output_dir, allow_pickle=allow_pickle)
     trainer = instantiate_checked(
-        cfg.trainer, "trainer", callbacks=instantiate_group(cfg.get("callbacks"), "callbacks"),
-        logger=loggers or False,
+        cfg.trainer, "trainer", callbacks=[StepSeeds(seed), *instantiate_group(cfg.get("callbacks"), "callbacks")],
+        logger=loggers or False, plugins=[SafeCheckpointIO(allow_pickle=allow_pickle)],
     )
     compress = compressions(trainer.callbacks)
     check_compression(compress, trainer, student, reads_features=bool(features[0].nodes), input_shape=shape)
@@ -254,16 +282,29 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(seed, workers=True, verbose=False)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     start_loggers(loggers, resolved)
-    result = fit(
-        student=student, criterion=criterion, datamodule=datamodule, teacher=teacher,
-        trainer=trainer, optimization=optimization, features=features,
-        make_stage_trainer=lambda epochs: instantiate_checked(
-            cfg.trainer, "trainer", max_epochs=min(epochs, cfg.stages.max_epochs or epochs), callbacks=[], logger=False,
-            enable_checkpointing=False, limit_val_batches=0, num_sanity_val_steps=0,
-            **stage_strategy(cfg),
-        ),
-        teacher_cache=cache, channels_last=bool(cfg.speed.channels_last), compile=bool(cfg.speed.compile),
-    )
+    try:
+        result = fit(
+            student=student, criterion=criterion, datamodule=datamodule, teacher=teacher,
+            trainer=trainer, optimization=optimization, features=features,
+            make_stage_trainer=lambda epochs: instantiate_checked(
+                cfg.trainer, "trainer", max_epochs=min(epochs, cfg.stages.max_epochs or epochs), callbacks=[],
+                logger=False, enable_checkpointing=False, limit_val_batches=0, num_sanity_val_steps=0,
+                **stage_strategy(cfg),
+            ),
+            teacher_cache=cache, channels_last=bool(cfg.speed.channels_last), compile=bool(cfg.speed.compile),
+            resume=resume,
+        )
+    except Diverged as e:
+        if trainer.is_global_zero:
+            record = {
+                "kd_version": kd.__version__, "git": git_info(), "status": "failed", "error": str(e),
+                "diverged": e.as_dict(), "started_at": started_at, "wall_time_s": round(time.time() - start, 2),
+                "run_dir": str(output_dir), "overrides": task_overrides(), "method": type(criterion).__name__,
+                "seed": seed, "last_good_checkpoint": str(find_resume(output_dir, allow_pickle=allow_pickle) or ""),
+                "config": resolved,
+            }
+            write_json_atomic(output_dir / RESULTS_FILE, record)  # kd-table lists the run as failed, with the error
+        raise
     weights = output_dir / STUDENT_WEIGHTS
     student = result.module.student  # the compression callbacks may have replaced it
     test_size = len(datamodule.test_dataloader().dataset)

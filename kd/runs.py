@@ -2,7 +2,8 @@
 
 A job directory is one holding ``.hydra/overrides.yaml`` (Hydra writes it in every job) or
 ``results.json``. Its status: ``results.json`` with ``"status": "completed"`` -> completed;
-``failure.json`` (written by ``kd-train`` when the job raised) -> failed; neither -> incomplete
+``"status": "failed"`` (a divergence) or ``failure.json`` (written by ``kd-train`` when the job
+raised) -> failed; neither -> incomplete
 (killed, or still running). A W&B run holds the whole ``results.json`` in its summary under
 ``results`` (see ``kd.loggers.finish_loggers``); one without it is failed or incomplete by state.
 
@@ -157,7 +158,7 @@ def read_job(job: Path) -> Run:
             return Run(str(job), "failed", overrides, error=f"unreadable {RESULTS_FILE}: {reason}")
         if results.get("status") == "completed":
             return Run(str(job), "completed", list(results.get("overrides") or overrides), results)
-        return Run(str(job), "failed", overrides, error=f"{RESULTS_FILE} has status {results.get('status')!r}")
+        return Run(str(job), "failed", overrides, error=results.get("error") or f"{RESULTS_FILE} has status {results.get('status')!r}")
     if failure_path.is_file():
         try:
             failure = json.loads(failure_path.read_text())

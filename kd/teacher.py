@@ -45,6 +45,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 import kd
+from kd.checkpoints import pickle_refusal
 from kd.errors import ConfigError, instantiate_checked
 from kd.fit import build_optimization, evaluate, fit
 from kd.models.build import build_model, count_parameters, model_node
@@ -144,7 +145,7 @@ def store_key(tcfg: DictConfig) -> tuple[str, dict[str, Any]]:
     return f"{name}-{digest[:12]}", keyed
 
 
-def load_weights(net: nn.Module, path: Path, key: str = "teacher.ckpt") -> None:
+def load_weights(net: nn.Module, path: Path, key: str = "teacher.ckpt", allow_pickle: bool = False) -> None:
     """Loads a checkpoint into ``net``, in any of the formats teachers are shared in.
 
     Accepted: a plain state_dict; a Lightning checkpoint of a kd run (the weights under
@@ -158,6 +159,7 @@ def load_weights(net: nn.Module, path: Path, key: str = "teacher.ckpt") -> None:
         net: The model to load into, in place.
         path: The checkpoint file.
         key: The config key to blame in errors.
+        allow_pickle: Load a file that needs pickle (it can run code): ``checkpoint.allow_pickle``.
 
     Raises:
         ConfigError: If the file is missing, unreadable, or of another architecture.
@@ -171,8 +173,11 @@ def load_weights(net: nn.Module, path: Path, key: str = "teacher.ckpt") -> None:
         # RepDistiller's *_last.pth and timm's or torchvision's training checkpoints hold their
         # argparse options next to the weights: allowed, as plain data, and nothing else
         with torch.serialization.safe_globals([argparse.Namespace]):
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
     except Exception as e:
+        refused = pickle_refusal(e, path, key)
+        if refused is not None:
+            raise refused from e
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ConfigError(key, f"cannot read {path} as a PyTorch checkpoint ({type(e).__name__}: {first})") from e
     for wrapper in ("state_dict", "model"):  # Lightning; RepDistiller and mdistiller
@@ -254,7 +259,7 @@ def resolve_teacher(
     tcfg = teacher_run_config(cfg)
     if cfg.teacher.ckpt:
         path = Path(cfg.teacher.ckpt)
-        load_weights(net, path)
+        load_weights(net, path, allow_pickle=bool(OmegaConf.select(cfg, "checkpoint.allow_pickle", default=False)))
         log.info("teacher loaded from %s", path)
         return net, TeacherInfo("checkpoint", str(path), count_parameters(net), _evaluate_as_is(cfg, tcfg, net, datamodule))
     source = pretrained_source(net)

@@ -46,13 +46,14 @@ def make_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
 def cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., int]]:
     """``cli(*args)``: runs ``kd-train`` in this process, writing under tmp_path; its exit code."""
     monkeypatch.setenv("KD_OUTPUT_ROOT", str(tmp_path / "outputs"))
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")  # kd-train sets it; restored after the test
 
     def call(*args: str) -> int:
-        from kd.train import main
+        from kd.train import cli
 
         monkeypatch.setattr(sys, "argv", ["kd-train", *args])
         try:
-            main()
+            cli()
         except SystemExit as e:
             return int(e.code or 0)
         return 0

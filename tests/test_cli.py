@@ -31,9 +31,29 @@ def test_bad_value_is_one_line_on_stderr_with_exit_status_2(cli, capsys, tmp_pat
 
 
 def test_unknown_option_fails_with_the_list_of_options(cli, capsys) -> None:
-    assert cli("distill=kdd") != 0
-    err = capsys.readouterr().err
-    assert "Could not find 'distill/kdd'" in err and "Available options in 'distill'" in err
+    assert cli("distill=kdd") == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "kd-train: error: distill=kdd: no such option in conf/distill/; did you mean kd, rkd, dkd? valid: ab, at, cc, "
+        "crd, crd_kd, dist, dkd, fitnet, fitnet_kd, fsp, ft, kd, kd_imagenet, kd_ls, mlkd, none, nst, ofd, pkt, "
+        "reviewkd, rkd, sp, vid"]
+
+
+def test_unknown_keys_and_unparsable_overrides_fail_on_one_line_with_the_valid_keys(cli, capsys, tmp_path: Path) -> None:
+    cases = {
+        "distill.temprature=3": "kd-train: error: distill.temprature: no such key in distill (KDLoss); did you mean "
+        "temperature? valid: _target_, temperature, weight, ce_weight (a key the config lacks is added with "
+        "+distill.temprature=...)",
+        "trainer.max_epoch=3": "kd-train: error: trainer.max_epoch: no such key in trainer (Trainer); did you mean max_epochs? ",
+        "callbacks.prune.amount=0.5": "kd-train: error: callbacks.prune: no such key in callbacks; valid: model_checkpoint, "
+        "resume_checkpoint",
+        "distill.temperature=[1": "kd-train: error: cannot parse an override: no viable alternative at input '[1' "
+        "(override syntax: key=value, group=option, +new.key=value)",
+    }
+    for override, expected in cases.items():
+        assert cli(override, f"hydra.run.dir={tmp_path / 'r'}") == 2, override
+        (line,) = capsys.readouterr().err.splitlines()
+        assert line.startswith(expected), line
+    assert not (tmp_path / "r").exists()  # refused while composing: nothing written
 
 
 def test_sweep_of_methods_and_seeds_shares_one_teacher(cli, tmp_path: Path) -> None:

@@ -40,6 +40,9 @@ class Compression(L.Callback):
         order: Finalization order: pruning (0) before quantization (10).
         changes_parameters: True when the callback replaces parameter tensors (structured
             pruning removes channels), so other compression must start only after it is done.
+        changes_structure: True when it replaces the student's modules or parameter shapes
+            (QAT, structured pruning): a checkpoint written after ``start_epoch`` cannot be
+            loaded into a fresh student, so such a run does not resume past that point.
         dense: A copy of the student taken just before this callback first changed it, in eval
             mode, or None when it has not changed it yet.
         dense_epoch: The epoch during (or at whose start) ``dense`` was taken.
@@ -49,6 +52,7 @@ class Compression(L.Callback):
     key: str = ""
     order: int = 0
     changes_parameters: bool = False
+    changes_structure: bool = False  # replaces the student's modules or tensors: not resumable after start_epoch
 
     def __init__(self) -> None:
         super().__init__()
@@ -56,6 +60,7 @@ class Compression(L.Callback):
         self.dense_epoch: int | None = None
         self.dense_step: int | None = None
         self._dense_taken_at = 0.0
+        self._pending_dense: dict[str, Any] | None = None
 
     # --- what run() calls -------------------------------------------------------------------
 
@@ -117,6 +122,26 @@ class Compression(L.Callback):
         if trainer.current_epoch == self.final_epoch:
             reset_selection(trainer)
 
+    # --- checkpoints: the dense snapshot travels with them, for the report of a resumed run ----
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.dense is None and self._pending_dense is None:
+            return {}
+        weights = self._pending_dense if self.dense is None else {
+            k: v.detach().cpu().clone() for k, v in self.dense.state_dict().items()}
+        return {"dense": weights, "dense_epoch": self.dense_epoch, "dense_step": self.dense_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "dense" in state_dict:
+            self._pending_dense = dict(state_dict["dense"])
+            self.dense_epoch, self.dense_step = state_dict["dense_epoch"], state_dict["dense_step"]
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._pending_dense is not None:  # restored from a checkpoint: the student as it was before
+            self.dense = copy.deepcopy(pl_module.student).eval()  # type: ignore[arg-type]
+            self.dense.load_state_dict(self._pending_dense)
+            self._pending_dense = None
+
 
 def reset_selection(trainer: L.Trainer) -> None:
     """Makes checkpoint selection and early stopping forget the epochs before this one.
@@ -150,5 +175,5 @@ def dense_snapshot(callbacks: Sequence[Compression]) -> tuple[nn.Module | None, 
     taken = [c for c in callbacks if c.dense is not None and c.dense_epoch is not None]
     if not taken:
         return None, None, None
-    first = min(taken, key=lambda c: c._dense_taken_at)  # noqa: SLF001
+    first = min(taken, key=lambda c: (c.dense_step, c._dense_taken_at))  # noqa: SLF001
     return first.dense, first.dense_epoch, first.dense_step

@@ -317,6 +317,7 @@ class MagnitudePruning(Compression):
             self.attach(pl_module.student)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)  # the dense snapshot of a resumed run
         if self._pending is not None:  # masks restored from a checkpoint after setup
             self.attach(self.student if self.student is not None else pl_module.student)
         batches = trainer.num_training_batches
@@ -349,6 +350,7 @@ class MagnitudePruning(Compression):
         """The masks by parameter name (on the CPU) and the schedule's position."""
         masks = self._pending if self._pending is not None else self.masks
         return {
+            **super().state_dict(),
             "masks": {n: m.detach().cpu().clone() for n, m in masks.items()},
             "sparsity_target": self.sparsity_target,
             "events": self.events,
@@ -356,6 +358,7 @@ class MagnitudePruning(Compression):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restores masks and schedule position; masks bind to the student's weights by name."""
+        super().load_state_dict(state_dict)
         self.sparsity_target = float(state_dict["sparsity_target"])
         self.events = int(state_dict["events"])
         self._pending = dict(state_dict["masks"])

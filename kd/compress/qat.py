@@ -72,6 +72,7 @@ class QuantizationAwareTraining(Compression):
     """
 
     order = 10
+    changes_structure = True
 
     def __init__(
         self,

@@ -71,6 +71,7 @@ class ChannelPruning(Compression):
 
     order = 0
     changes_parameters = True
+    changes_structure = True
 
     def __init__(
         self,

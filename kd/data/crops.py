@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
 from torchvision.transforms import v2
 
+from kd.data.order import Key, sample_generator, split_key
 from kd.errors import check_int
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's channel statistics
@@ -156,7 +157,9 @@ class CropViews(Dataset):
                 out[b] = self._view(image, i, views[b])
         return out
 
-    def __getitem__(self, i: int) -> dict[str, Tensor | int]:
-        i = int(i)
-        view = int(torch.randint(self.num_views, ()))  # the global RNG: Lightning seeds it, and each worker's
+    def __getitem__(self, key: Key) -> dict[str, Tensor | int]:
+        """Image ``i`` in a random view: drawn from ``seed`` for a key ``(i, seed)`` (``kd.data.order``), else
+        from the global generator."""
+        i, seed = split_key(key)
+        view = int(torch.randint(self.num_views, (), generator=sample_generator(seed)))
         return {"input": self._view(self._load(i), i, view), "target": int(self.targets[i]), "index": i, "view": view}

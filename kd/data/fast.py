@@ -59,6 +59,8 @@ class BatchLoader:
         self.rank, self.world_size = rank, world_size
         self.drop_last = drop_last
         self.epoch = 0
+        self.served = 0  # batches of the current iteration handed out
+        self._start = 0  # batches to skip in the next iteration (resumed mid-epoch)
 
     def set_epoch(self, epoch: int) -> None:
         """Sets the epoch whose permutation and views the next iteration draws."""
@@ -89,6 +91,23 @@ class BatchLoader:
         else:
             views = torch.zeros(len(index), dtype=torch.long)
         self.epoch += 1  # the next iteration draws anew, also when nobody calls set_epoch
-        for b in range(len(self)):
+        start, self._start = self._start, 0
+        self.served = start
+        for b in range(start, len(self)):
             sl = slice(b * self.batch_size, (b + 1) * self.batch_size)
-            yield self.dataset.batch(index[sl], views[sl])
+            batch = self.dataset.batch(index[sl], views[sl])
+            self.served += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        """The epoch being served and how many of its batches were handed out (Lightning saves it
+        in checkpoints), so a resumed run continues with the next batch."""
+        return {"epoch": self.epoch - 1 if self.served else self.epoch, "batches": self.served, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if int(state["seed"]) != self.seed:
+            raise ValueError(f"the checkpoint's data order has seed {state['seed']}, this run {self.seed}: "
+                             "resume with the run's own seed")
+        done = int(state["batches"]) >= len(self)  # saved after the epoch's last batch
+        self.epoch = int(state["epoch"]) + (1 if done else 0)
+        self._start = 0 if done else int(state["batches"])

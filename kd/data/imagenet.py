@@ -42,6 +42,7 @@ from torchvision.datasets import ImageFolder, ImageNet
 from torchvision.transforms import v2
 
 from kd.data.crops import MEAN, STD, CropViews, crop_seed  # noqa: F401 (re-exported)
+from kd.data.order import Key, forked_seed, split_key
 from kd.data.splits import SplitDataModule
 from kd.errors import ConfigError, check_int
 
@@ -74,9 +75,15 @@ class IndexedImages(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int) -> dict[str, Tensor | int]:
+    def __getitem__(self, key: Key) -> dict[str, Tensor | int]:
+        """Sample ``i`` through the transform; for a key ``(i, seed)`` (``kd.data.order``) its random
+        draws come from ``seed`` alone."""
+        i, seed = split_key(key)
         path, target = self.folder.samples[int(self.indices[i])]
-        return {"input": self.transform(self.folder.loader(path)), "target": target, "index": i}
+        image = self.folder.loader(path)
+        with forked_seed(seed):
+            x = self.transform(image)
+        return {"input": x, "target": target, "index": i}
 
 
 def _carve(targets: np.ndarray, per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -11,6 +11,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from kd.data.fast import BatchLoader
+from kd.data.order import ResumableLoader
 from kd.data.tensor import stratified_split
 from kd.errors import ConfigError
 
@@ -67,11 +68,15 @@ class SplitDataModule(L.LightningDataModule):
     def _loader(self, split: str, train: bool) -> DataLoader | BatchLoader:
         if getattr(self, "fast", False):
             return self._fast_loader(split, train)
-        return DataLoader(
-            self.splits[split], batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-            pin_memory=self.pin_memory and torch.cuda.is_available(),
-        )
+        common = {"num_workers": self.num_workers, "persistent_workers": self.num_workers > 0,
+                  "pin_memory": self.pin_memory and torch.cuda.is_available()}
+        if not train:
+            return DataLoader(self.splits[split], batch_size=self.eval_batch_size, shuffle=False, **common)
+        trainer = getattr(self, "trainer", None)
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        # order and augmentation drawn from (seed, epoch, position): exact when resumed mid-epoch
+        return ResumableLoader(self.splits[split], self.batch_size, seed=torch.initial_seed() % 2**62,
+                               rank=rank, world_size=world, **common)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)

@@ -10,6 +10,7 @@ from sklearn.model_selection import train_test_split
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from kd.data.order import Key, split_key
 from kd.errors import ConfigError
 
 
@@ -56,7 +57,8 @@ class IndexedTensorDataset(Dataset):
         return {"input": self.inputs[index], "target": self.targets[index], "index": index,
                 "view": views.to(self.inputs.device)}
 
-    def __getitem__(self, i: int) -> dict[str, Tensor | int]:
+    def __getitem__(self, key: Key) -> dict[str, Tensor | int]:
+        i, _ = split_key(key)  # nothing random to draw from the sample's seed
         return {"input": self.inputs[i], "target": self.targets[i], "index": i, "view": 0}
 
 

@@ -17,6 +17,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from kd.data.order import Key, sample_generator, split_key
+
 
 class PadCrop:
     """Zero-pad by ``padding`` px, crop back to the image size at one of the offsets, maybe flip.
@@ -141,8 +143,10 @@ class ImageViews(Dataset):
         return {"input": self.render(index, views), "target": self.targets[index], "index": index,
                 "view": views.to(self.images.device)}
 
-    def __getitem__(self, i: int) -> dict[str, Tensor | int]:
-        view = int(torch.randint(self.num_views, ())) if self.num_views > 1 else 0
+    def __getitem__(self, key: Key) -> dict[str, Tensor | int]:
+        """Sample ``i`` in a random view; with a key ``(i, seed)`` (``kd.data.order``) the view is drawn from ``seed``."""
+        i, seed = split_key(key)
+        view = int(torch.randint(self.num_views, (), generator=sample_generator(seed))) if self.num_views > 1 else 0
         x = self.images[i]  # (C, H, W) uint8
         if self.augment is not None:
             x = self.augment.apply_one(x, view)

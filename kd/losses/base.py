@@ -137,8 +137,8 @@ def check_weight(
     value = float(value)
     above = high is not None and (value >= high if high_open else value > high)
     if value != value or value < low or above or value == float("inf"):
-        valid = f"[{low:g}, {high:g}{')' if high_open else ']'}" if high is not None else f">= {low:g}"
-        raise ConfigError(name, f"must be in {valid}, got {value:g}")
+        valid = f"in [{low:g}, {high:g}{')' if high_open else ']'}" if high is not None else f">= {low:g} and finite"
+        raise ConfigError(name, f"must be {valid}, got {value:g}")
     return value
 
 

@@ -265,7 +265,11 @@ def test_a_lightning_checkpoint_resumes_masks_and_schedule(tmp_path: Path) -> No
     for name, mask in first.masks.items():
         assert not (resumed.masks[name] & ~mask).any()  # what was pruned before the checkpoint stays pruned
     assert resumed.summary()["sparsity"] == pytest.approx(0.8, abs=0.01)
-    assert resumed.dense is None  # the dense student is gone by then; none is made up
+    # the dense student, copied before the first pruning event, travels in the checkpoint for the report
+    assert first.dense is not None and resumed.dense is not None and resumed.dense is not first.dense
+    assert (resumed.dense_epoch, resumed.dense_step) == (first.dense_epoch, first.dense_step)
+    dense, saved = resumed.dense.state_dict(), first.dense.state_dict()
+    assert dense.keys() == saved.keys() and all(torch.equal(dense[k], saved[k]) for k in dense)
 
 
 # --- bad input ----------------------------------------------------------------------------

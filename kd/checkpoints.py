@@ -1,0 +1,180 @@
+"""Checkpoints that survive crashes: atomic writes, safe loading, resuming exactly where a run stopped.
+
+- ``SafeCheckpointIO`` is the trainer's checkpoint plugin. A checkpoint is written to a temporary
+  file beside its target, synced and renamed over it, so a killed process leaves the previous file
+  or the new one, never half of one. Loading uses ``torch.load(weights_only=True)``: tensors,
+  numbers, strings and containers only, no pickled code runs. A checkpoint that needs pickle is
+  refused unless ``checkpoint.allow_pickle=true`` names that risk.
+- ``StepSeeds`` seeds the Python, NumPy, torch and CUDA generators from (seed, rank, epoch,
+  batch) before every training batch, so dropout and the methods' sampling (CRD's negatives) draw the same
+  numbers as in a run that never stopped. The data order does not depend on them: the loaders
+  draw from generators of their own, keyed by seed and epoch, and say how far into the epoch
+  they got (``kd.data.order``).
+- ``find_resume`` picks the checkpoint ``resume=auto`` continues from: the newest one in the run's
+  ``checkpoints/`` that loads, skipping (with a warning) truncated or corrupt ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import pickle
+import random
+import re
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from kd.errors import ConfigError
+from kd.results import _write_atomic
+
+log = logging.getLogger(__name__)
+
+RESUME_PREFIX = "resume-"  # the step checkpoints: checkpoints/resume-step<k>.ckpt
+PICKLE_RISK = ("loading it runs arbitrary code from the file (pickle); if you trust its source, "
+               "set checkpoint.allow_pickle=true")
+
+
+class CorruptCheckpoint(ConfigError):
+    """A checkpoint file that cannot be read: truncated, corrupt or not a checkpoint."""
+
+
+def load_checkpoint(path: str | Path, *, allow_pickle: bool = False, key: str = "resume",
+                    map_location: Any = "cpu", mmap: bool = False) -> dict[str, Any]:
+    """``torch.load`` of a checkpoint, ``weights_only`` unless ``allow_pickle``, with one-line errors.
+
+    Raises:
+        ConfigError: If ``path`` is missing, or holds objects that need pickle and ``allow_pickle``
+            is off.
+        CorruptCheckpoint: If the file is truncated, corrupt or not a torch file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(key, f"no checkpoint file at {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=not allow_pickle, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        refused = pickle_refusal(e, path, key)
+        if refused is not None and not allow_pickle:
+            raise refused from e
+        raise CorruptCheckpoint(key, f"{path} is corrupt ({type(e).__name__}: {_first_line(e)})") from e
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        raise CorruptCheckpoint(key, f"{path} is truncated or corrupt ({type(e).__name__}: {_first_line(e)}); "
+                                "delete it or give another checkpoint") from e
+    if not isinstance(state, dict):
+        raise CorruptCheckpoint(key, f"{path} is not a checkpoint (it holds a {type(state).__name__})")
+    return state
+
+
+def pickle_refusal(e: BaseException, path: str | Path, key: str) -> ConfigError | None:
+    """The error to raise when ``torch.load(weights_only=True)`` refused ``path`` for needing pickle, else None."""
+    if not isinstance(e, pickle.UnpicklingError) or "weights only load failed" not in str(e).lower():
+        return None
+    found = re.search(r"GLOBAL (\S+)", str(e))
+    what = f"a pickled {found.group(1)}" if found else "pickled objects"
+    return ConfigError(key, f"{path} holds more than weights ({what}); {PICKLE_RISK}")
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0][:200] if lines else ""
+
+
+class SafeCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint plugin with atomic saves and weights-only loads.
+
+    Args:
+        allow_pickle: Load checkpoints that need pickle (they can run code): an explicit opt-in.
+    """
+
+    def __init__(self, allow_pickle: bool = False) -> None:
+        super().__init__()
+        self.allow_pickle = allow_pickle
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
+        _write_atomic(Path(path), lambda f: torch.save(checkpoint, f))
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        return load_checkpoint(path, allow_pickle=self.allow_pickle, map_location=map_location or "cpu")
+
+
+def _step(state: dict[str, Any]) -> int:
+    return int(state.get("global_step", -1))
+
+
+def checkpoint_candidates(directory: str | Path) -> list[Path]:
+    """The ``.ckpt`` files of a run's ``checkpoints/`` (and Lightning's ``hpc_ckpt_*`` of SLURM requeues)."""
+    directory = Path(directory)
+    found = list((directory / "checkpoints").glob("*.ckpt")) if (directory / "checkpoints").is_dir() else []
+    found += list(directory.glob("hpc_ckpt_*.ckpt"))
+    return found
+
+
+def find_resume(run_dir: str | Path, *, allow_pickle: bool = False) -> Path | None:
+    """The checkpoint ``resume=auto`` continues from: the one of the highest step that loads.
+
+    Checkpoints of the same step (``last.ckpt`` and a step checkpoint) are equivalent; the newest
+    file wins. A file that does not load (a crash while it was copied in, a full disk) is
+    skipped with a warning naming it, and the previous good one is used.
+
+    Returns:
+        The path, or None when the run has no readable checkpoint.
+    """
+    readable: list[tuple[int, float, Path]] = []
+    for path in checkpoint_candidates(run_dir):
+        try:
+            state = load_checkpoint(path, allow_pickle=allow_pickle, mmap=True)
+        except CorruptCheckpoint as e:
+            log.warning("resume=auto: skipping a checkpoint that does not load: %s", e.message)
+            continue
+        if "loops" not in state or "state_dict" not in state:
+            log.warning("resume=auto: skipping %s, which is not a training checkpoint", path)
+            continue
+        readable.append((_step(state), path.stat().st_mtime, path))
+    if not readable:
+        return None
+    return max(readable)[2]
+
+
+def step_seed(seed: int, *parts: int) -> int:
+    """A 63-bit seed derived from the run's seed and ``parts`` (rank, epoch, batch): well spread, stable."""
+    text = "/".join(str(int(p)) for p in (seed, *parts)).encode()
+    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") >> 1
+
+
+def seed_all(seed: int) -> None:
+    """Seeds Python's, NumPy's, torch's CPU and every CUDA generator."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # CUDA too (lazily, when it is not initialized yet)
+
+
+class StepSeeds(L.Callback):
+    """Re-seeds every global generator from (run seed, rank, epoch, batch) before each training batch.
+
+    So what a step draws (dropout, CRD's negatives, a method's noise) is a function of the seed
+    and the step alone, not of everything drawn before it: a run resumed from a checkpoint of step
+    ``s`` draws in step ``s + 1`` what the uninterrupted run drew, whatever Lightning did in between
+    (a sanity check, a new epoch's iterator). Epoch starts are seeded from (seed, rank, epoch)
+    likewise, for callbacks that draw there. Keep it first among the callbacks.
+
+    Args:
+        seed: The run's seed.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed = int(seed)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        seed_all(step_seed(self.seed, trainer.global_rank, trainer.current_epoch, -1))
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        # by batch, not optimizer step: the batches accumulated into one step draw differently
+        seed_all(step_seed(self.seed, trainer.global_rank, trainer.current_epoch, batch_idx))

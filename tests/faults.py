@@ -1,0 +1,65 @@
+"""Faults injected into real runs by tests, as Lightning callbacks a config can name (``+callbacks.fault``),
+and ``kd_train``, which runs ``kd-train`` in a process of its own (so a fault can kill it)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def kd_train(tmp_path: Path, *args: str) -> tuple[int, str]:
+    """``kd-train *args`` in a fresh process writing under ``tmp_path``; its exit status (-9: SIGKILL) and output."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "PL_"))}
+    env.update(KD_OUTPUT_ROOT=str(tmp_path / "outputs"), PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
+    done = subprocess.run([str(Path(sys.executable).with_name("kd-train")), *args], cwd=tmp_path, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)
+    return done.returncode, done.stdout
+
+
+class KillAt(L.Callback):
+    """SIGKILLs its own process once, right after optimizer step ``step``, before any checkpoint of it.
+
+    Lightning runs checkpoint callbacks last, so the step's own checkpoint is never written: the
+    run loses the steps since its last checkpoint, as a preempted or crashed job does. ``marker``
+    is written first, so the same command run again (to resume) is not killed.
+    """
+
+    def __init__(self, step: int, marker: str) -> None:
+        self.step, self.marker = int(step), Path(marker)
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+        if trainer.global_step == self.step and not self.marker.exists():
+            self.marker.write_text(f"killed after step {self.step}, epoch {trainer.current_epoch}\n")
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class NaNAt(L.Callback):
+    """Makes loss term ``term`` NaN at optimizer step ``step``, as an overflow or a log(0) would.
+
+    The criterion's output is replaced for that one step: the training module sees a real NaN
+    in the term's tensor, where a diverging run would produce it.
+    """
+
+    def __init__(self, step: int, term: str) -> None:
+        self.step, self.term = int(step), term
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
+        criterion = pl_module.criterion  # type: ignore[attr-defined]
+        if trainer.global_step != self.step:
+            criterion.__dict__.pop("forward", None)  # back to the class's forward
+            return
+        forward = type(criterion).forward
+
+        def poisoned(*a: object, **k: object) -> dict:
+            terms = forward(criterion, *a, **k)
+            terms[self.term] = terms[self.term] * float("nan")
+            return terms
+
+        criterion.forward = poisoned

@@ -1,0 +1,112 @@
+"""Exact resume: a run SIGKILLed mid-epoch and restarted with the same command ends where an uninterrupted run ends.
+
+Each run is a real ``kd-train`` process. The reference run is never interrupted; the faulty one is
+killed right after a random optimizer step in the middle of an epoch (``tests.faults.KillAt``),
+between two step checkpoints, then run again with the same command plus ``resume=auto``, which
+finds the run's directory and its newest checkpoint. Final and best-validation metrics must be
+equal and the student's weights equal bit for bit (CPU). For KD the newest checkpoint is first cut
+in half: named explicitly it is refused on one line, and ``resume=auto`` falls back to the one
+before it, and still ends where the uninterrupted run ends.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from faults import kd_train
+from omegaconf import OmegaConf
+
+from kd.checkpoints import CorruptCheckpoint
+from kd.results import RESULTS_FILE, STUDENT_WEIGHTS
+from kd.run import resume_checkpoint
+
+EVERY = 4  # checkpoint.every_n_train_steps
+EPOCHS = 3
+RUN = (
+    f"trainer.max_epochs={EPOCHS}", f"checkpoint.every_n_train_steps={EVERY}", "trainer.enable_progress_bar=false",
+    "teacher.recipe.max_epochs=1", "+teacher.recipe.trainer.limit_train_batches=4", "report.enabled=false",
+)
+METHODS = {
+    "kd": ("distill=kd",),
+    "crd": ("distill=crd", "distill.nce_k=64"),  # a memory bank and negatives drawn every step
+    "prune": ("distill=kd", "callbacks=prune_agp"),  # masks that change every few steps
+}
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    sa, sb = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_a_run_killed_mid_epoch_resumes_to_the_same_weights_and_metrics(tmp_path: Path, method: str) -> None:
+    common = (*RUN, *METHODS[method], f"teacher.store_dir={tmp_path / 'store'}")
+    code, out = kd_train(tmp_path, *common, f"hydra.run.dir={tmp_path / 'whole'}")
+    assert code == 0, out
+    whole = json.loads((tmp_path / "whole" / RESULTS_FILE).read_text())
+    total = torch.load(tmp_path / "whole" / "checkpoints" / "last.ckpt", weights_only=True, mmap=True)["global_step"]
+    per_epoch = total // EPOCHS
+    # a step inside epoch 1 that is not a checkpoint step: the resumed run redoes the steps since the last one;
+    # for kd the newest checkpoint is then cut short, and the one before it (mid-epoch 1 too) must do
+    truncate = method == "kd"
+    kill = random.Random(method).choice([
+        s for s in range(per_epoch + 2, 2 * per_epoch - 1)
+        if s % EVERY and (not truncate or s - s % EVERY - EVERY > per_epoch)
+    ])
+    faulty = (*common, "+callbacks.fault._target_=tests.faults.KillAt", f"+callbacks.fault.step={kill}",
+              f"+callbacks.fault.marker={tmp_path / 'killed'}")
+    code, out = kd_train(tmp_path, *faulty)
+    assert code == -9 and (tmp_path / "killed").exists(), out
+    (run_dir,) = (tmp_path / "outputs" / "runs").glob("*/*")
+    assert not (run_dir / RESULTS_FILE).exists()
+    steps = sorted(torch.load(p, weights_only=True, mmap=True)["global_step"] for p in (run_dir / "checkpoints").glob("resume-*.ckpt"))
+    newest = kill - kill % EVERY
+    assert steps == [newest - EVERY, newest]  # the two newest step checkpoints are kept
+    resume_from = run_dir / "checkpoints" / f"resume-step{newest}.ckpt"
+    if truncate:
+        data = resume_from.read_bytes()
+        resume_from.write_bytes(data[: len(data) // 2])  # a copy cut short, a full disk
+        with pytest.raises(CorruptCheckpoint) as named:  # resume=<that path>: one clear line
+            resume_checkpoint(OmegaConf.create({"resume": str(resume_from)}), run_dir, allow_pickle=False)
+        assert str(named.value).startswith(f"resume: {resume_from} is truncated or corrupt (")
+        assert str(named.value).endswith("delete it or give another checkpoint") and "\n" not in str(named.value)
+        broken, resume_from = resume_from, run_dir / "checkpoints" / f"resume-step{newest - EVERY}.ckpt"
+
+    code, out = kd_train(tmp_path, *faulty, "resume=auto")
+    assert code == 0, out
+    if truncate:
+        assert f"resume=auto: skipping a checkpoint that does not load: {broken} is truncated or corrupt" in out
+    assert f"resume=auto: continuing from {resume_from}" in out
+    assert len(list((tmp_path / "outputs" / "runs").glob("*/*"))) == 1  # the same directory, not a new one
+    resumed = json.loads((run_dir / RESULTS_FILE).read_text())
+    for part in ("metrics", "final_metrics", "best_epoch", "epochs", "selected"):
+        assert resumed["student"][part] == whole["student"][part], part
+    assert_same_weights(run_dir / STUDENT_WEIGHTS, tmp_path / "whole" / STUDENT_WEIGHTS)
+
+
+def test_an_interrupted_sweep_run_again_with_resume_auto_resumes_its_job_and_skips_finished_ones(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    args = ("-m", *RUN, "trainer.max_epochs=1", "distill=kd", "seed=0,1", f"hydra.sweep.dir={sweep}",
+            f"teacher.store_dir={tmp_path / 'store'}", "+callbacks.fault._target_=tests.faults.KillAt",
+            "+callbacks.fault.step=6", f"+callbacks.fault.marker={tmp_path / 'killed'}")
+    code, out = kd_train(tmp_path, *args)
+    assert code == -9, out  # killed in job 0, before job 1 started
+    assert not (sweep / "0" / RESULTS_FILE).exists() and not (sweep / "1").exists()
+
+    code, out = kd_train(tmp_path, *args, "resume=auto")
+    assert code == 0, out
+    assert f"resume=auto: continuing from {sweep / '0' / 'checkpoints' / 'resume-step4.ckpt'}" in out
+    assert f"resume=auto: {sweep / '1'} has no readable checkpoint; starting from scratch" in out
+    finished = {n: (sweep / n / RESULTS_FILE).read_bytes() for n in "01"}
+    assert all(json.loads(f)["status"] == "completed" for f in finished.values())
+
+    code, out = kd_train(tmp_path, *args, "resume=auto")  # once more: nothing is redone
+    assert code == 0, out
+    assert all(f"kd-train: resume=auto: {sweep / n} is finished; skipped" in out for n in "01"), out
+    assert {n: (sweep / n / RESULTS_FILE).read_bytes() for n in "01"} == finished
