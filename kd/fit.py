@@ -154,6 +154,7 @@ def fit(
     if resume is not None:
         check_resumable(module, resume, trainer)
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume is not None else None)
+    park_hpc_checkpoints(trainer)
     epochs = _epochs_trained(trainer)
     final = evaluate(trainer, module, datamodule)
 
@@ -169,6 +170,28 @@ def fit(
     best_epoch = _checkpoint_epoch(best_path)
     log.info("selected %s (epoch %s) on %s", Path(best_path).name, best_epoch, ckpt.monitor)
     return FitResult(best, final, "best_val", best_path, best_epoch, epochs, module, report)
+
+
+def park_hpc_checkpoints(trainer: L.Trainer) -> None:
+    """Moves Lightning's SLURM requeue checkpoints (``hpc_ckpt_<n>.ckpt``) into ``checkpoints/``.
+
+    Under SLURM, Lightning loads the newest ``hpc_ckpt_*`` of the run directory whenever it is
+    given no ``ckpt_path``, in ``validate`` and ``test`` too: left in place after training, it
+    would be evaluated instead of the final weights. Renamed ``checkpoints/hpc-step<k>.ckpt``,
+    it is kept, and ``resume=auto`` still finds it.
+    """
+    if not trainer.is_global_zero:
+        return
+    root = Path(trainer.default_root_dir)
+    for path in root.glob("hpc_ckpt_*.ckpt"):
+        try:
+            step = int(torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("global_step", -1))
+        except Exception:  # noqa: BLE001 (a corrupt one is moved all the same)
+            step = -1
+        target = root / "checkpoints" / f"hpc-step{step}-{path.stem.rsplit('_', 1)[-1]}.ckpt"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        path.replace(target)
+        log.info("moved %s to %s (consumed by the resumed run)", path.name, target)
 
 
 def check_resumable(module: DistillationModule, path: Path, trainer: L.Trainer) -> None:

@@ -14,10 +14,14 @@ import lightning as L
 REPO = Path(__file__).resolve().parents[1]
 
 
-def kd_train(tmp_path: Path, *args: str) -> tuple[int, str]:
-    """``kd-train *args`` in a fresh process writing under ``tmp_path``; its exit status (-9: SIGKILL) and output."""
+def kd_train(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
+    """``kd-train *args`` in a fresh process writing under ``tmp_path``; its exit status (-9: SIGKILL) and output.
+
+    ``env`` adds variables to a copy of this process's environment without its ``SLURM_*``/``PL_*`` ones.
+    """
+    extra = env or {}
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "PL_"))}
-    env.update(KD_OUTPUT_ROOT=str(tmp_path / "outputs"), PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
+    env.update(KD_OUTPUT_ROOT=str(tmp_path / "outputs"), PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO), **extra)
     done = subprocess.run([str(Path(sys.executable).with_name("kd-train")), *args], cwd=tmp_path, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)
     return done.returncode, done.stdout
@@ -37,6 +41,24 @@ class KillAt(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
         if trainer.global_step == self.step and not self.marker.exists():
             self.marker.write_text(f"killed after step {self.step}, epoch {trainer.current_epoch}\n")
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class PreemptAt(L.Callback):
+    """Preempts its own process once, after optimizer step ``step``, as SLURM does.
+
+    SLURM first sends the signal asked for with ``--signal=USR1@90`` (Lightning's SLURM
+    environment handles it: it writes ``hpc_ckpt_<n>.ckpt`` and runs ``scontrol requeue``), then
+    kills the job. ``marker`` is written first, so the requeued job is not preempted again.
+    """
+
+    def __init__(self, step: int, marker: str) -> None:
+        self.step, self.marker = int(step), Path(marker)
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+        if trainer.global_step == self.step and not self.marker.exists():
+            self.marker.write_text(f"preempted after step {self.step}\n")
+            os.kill(os.getpid(), signal.SIGUSR1)  # Python runs Lightning's handler before the next line
             os.kill(os.getpid(), signal.SIGKILL)
 
 

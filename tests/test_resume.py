@@ -12,6 +12,7 @@ before it, and still ends where the uninterrupted run ends.
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -110,3 +111,36 @@ def test_an_interrupted_sweep_run_again_with_resume_auto_resumes_its_job_and_ski
     assert code == 0, out
     assert all(f"kd-train: resume=auto: {sweep / n} is finished; skipped" in out for n in "01"), out
     assert {n: (sweep / n / RESULTS_FILE).read_bytes() for n in "01"} == finished
+
+
+def test_slurm_preemption_saves_through_lightnings_handler_and_the_requeued_job_resumes(tmp_path: Path) -> None:
+    common = (*RUN, "trainer.max_epochs=2", "distill=kd", f"teacher.store_dir={tmp_path / 'store'}")
+    code, out = kd_train(tmp_path, *common, f"hydra.run.dir={tmp_path / 'whole'}")
+    assert code == 0, out
+    # a SLURM job of one task, with an scontrol that records the requeue instead of doing it
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'scontrol.log'}\n")
+    (bin_dir / "scontrol").chmod(0o755)
+    slurm = {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "1", "SLURM_JOB_NAME": "kd", "SLURM_PROCID": "0",
+             "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost",
+             "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    job_dir = tmp_path / "sweep" / "0"  # submitit's requeued job runs in the same job directory
+    preempt = 2 * EVERY + 3  # between step checkpoints: the newest one is older than the preemption
+    args = (*common, "resume=auto", f"hydra.run.dir={job_dir}", "+callbacks.fault._target_=tests.faults.PreemptAt",
+            f"+callbacks.fault.step={preempt}", f"+callbacks.fault.marker={tmp_path / 'preempted'}")
+    code, out = kd_train(tmp_path, *args, env=slurm)
+    assert code == -9, out
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"
+    (hpc,) = job_dir.glob("hpc_ckpt_*.ckpt")
+    assert torch.load(hpc, weights_only=True, mmap=True)["global_step"] == preempt
+
+    code, out = kd_train(tmp_path, *args, env=slurm)  # the requeued job: the same command
+    assert code == 0, out
+    assert f"resume=auto: continuing from {hpc}" in out
+    # consumed, then moved out of Lightning's sight: under SLURM it would be evaluated in place of the final weights
+    assert not hpc.exists() and (job_dir / "checkpoints" / f"hpc-step{preempt}-1.ckpt").is_file()
+    resumed = json.loads((job_dir / RESULTS_FILE).read_text())["student"]
+    whole = json.loads((tmp_path / "whole" / RESULTS_FILE).read_text())["student"]
+    assert resumed["final_metrics"] == whole["final_metrics"] and resumed["metrics"] == whole["metrics"]
+    assert_same_weights(job_dir / STUDENT_WEIGHTS, tmp_path / "whole" / STUDENT_WEIGHTS)
