@@ -193,9 +193,19 @@ def compress_top_k(logits: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     """
     logits = logits.float()
     values, indices = logits.topk(k, dim=1)
-    rest = logits.scatter(1, indices, float("-inf"))  # (B, C), the top-k masked out
-    tail = torch.logsumexp(rest, dim=1) - math.log(logits.shape[1] - k)
-    return values, indices, tail
+    return values, indices, tail_outside(logits, indices)[1]
+
+
+def tail_outside(logits: Tensor, indices: Tensor) -> tuple[Tensor, Tensor]:
+    """The logits ``(B, C)`` with the classes ``indices`` ``(B, k)`` masked to -inf, and the
+    log-mean-exp ``(B,)`` of the ``C - k`` others (``compress_top_k``'s tail)."""
+    rest = logits.scatter(1, indices, float("-inf"))
+    return rest, torch.logsumexp(rest, dim=1) - math.log(logits.shape[1] - indices.shape[1])
+
+
+def left_out_mass(logits: Tensor, tail: Tensor, k: int) -> Tensor:
+    """The softmax probability ``(B,)`` of the classes outside the top ``k``, from the tail of ``compress_top_k``."""
+    return (tail + math.log(logits.shape[1] - k) - torch.logsumexp(logits.float(), dim=1)).exp()
 
 
 def expand_top_k(values: Tensor, indices: Tensor, tail: Tensor, num_classes: int) -> Tensor:
@@ -364,8 +374,7 @@ def _verify(cache: TeacherCache, teacher: FeatureExtractor, dataset: Any, count:
         pairs = [("logits", stored["logits"], logits)]
     else:  # the stored values are the teacher's logits of the stored classes, no other class is larger, and the tail
         indices = stored["topk_indices"].cpu()
-        picked, rest = logits.gather(1, indices), logits.scatter(1, indices, float("-inf"))
-        tail = torch.logsumexp(rest, dim=1) - math.log(cache.num_classes - cache.top_k)
+        picked, (rest, tail) = logits.gather(1, indices), tail_outside(logits, indices)
         pairs = [("the top-k logits", stored["topk_values"], picked), ("the tail", stored["tail"], tail)]
         outside = rest.max(1).values - picked.min(1).values  # (B,) > 0: a class outside the stored ones is larger
         if (outside > tol * picked.abs().max(1).values + 1e-4).any():
@@ -455,8 +464,7 @@ def _build(teacher: FeatureExtractor, dataset: Any, entry: Path, keyed: dict[str
             else:
                 logits = out.logits.float()
                 parts["topk_values"], parts["topk_indices"], parts["tail"] = compress_top_k(logits, top_k)
-                left = parts["tail"] + math.log(num_classes - top_k) - torch.logsumexp(logits, dim=1)
-                tail_mass.append(left.exp().cpu().double())  # (b,), the probability the top-k leave out
+                tail_mass.append(left_out_mass(logits, parts["tail"], top_k).cpu().double())  # (b,)
             for name, part in parts.items():
                 part = part.float() if part.is_floating_point() else part  # numpy has no bfloat16
                 flat_arrays[name][lo:hi] = part.cpu().numpy()  # cast to the stored dtype

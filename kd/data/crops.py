@@ -8,7 +8,6 @@ arXiv:2112.01528.
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -17,10 +16,11 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
+from torchvision import transforms
 from torchvision.datasets import ImageFolder
 from torchvision.transforms import v2
 
-from kd.data.order import Key, sample_generator, split_key
+from kd.data.order import Key, forked_seed, sample_generator, split_key
 from kd.errors import check_int
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's channel statistics
@@ -36,12 +36,12 @@ class CropViews(Dataset):
 
     FKD (Shen & Xing, "A Fast Knowledge Distillation Framework for Visual Recognition", ECCV 2022,
     arXiv:2112.01528) fixes, for every training image, a finite set of crops whose teacher outputs
-    are stored once. View ``v`` of image ``i`` is drawn from a ``torch.Generator`` seeded with
-    ``crop_seed(seed, i, v)``, by the steps of torchvision's ``RandomResizedCrop`` (10 attempts,
-    then the centre crop clamped to the ratio range) followed by ``rand() < 0.5`` for the flip: the
-    same numbers ``v2.Compose([RandomResizedCrop, RandomHorizontalFlip])`` draws from a global RNG
-    seeded with ``crop_seed(seed, i, v)``, so each view is distributed exactly as the random
-    transform. Views are rendered on the decoded uint8 tensor (bilinear, antialiased), then scaled
+    are stored once. View ``v`` of image ``i`` is drawn by torchvision's own
+    ``RandomResizedCrop.get_params`` (10 attempts, then the centre crop clamped to the ratio range)
+    followed by ``rand() < 0.5`` for the flip, on the global generator seeded with ``crop_seed(seed,
+    i, v)`` and restored afterwards: the numbers ``v2.Compose([RandomResizedCrop,
+    RandomHorizontalFlip])`` draws from a global RNG so seeded, so each view is distributed exactly
+    as the random transform. Views are rendered on the decoded uint8 tensor (bilinear, antialiased), then scaled
     to ``[0, 1]`` and normalised with ``MEAN`` / ``STD``.
 
     Args:
@@ -67,7 +67,6 @@ class CropViews(Dataset):
         self.scale = (float(scale[0]), float(scale[1]))
         self.ratio = (float(ratio[0]), float(ratio[1]))
         # in float32 first, as torchvision computes it, so that the drawn numbers are the same
-        self._log_ratio = tuple(float(r) for r in torch.log(torch.tensor(self.ratio)))
         self.targets = torch.as_tensor(np.asarray(folder.targets)[indices], dtype=torch.long)
 
     def __len__(self) -> int:
@@ -101,31 +100,15 @@ class CropViews(Dataset):
     def crop(self, i: int, view: int, width: int, height: int) -> tuple[int, int, int, int, bool]:
         """``(top, left, h, w, flipped)`` of view ``view`` of image ``i``, a ``width`` x ``height`` image.
 
-        torchvision's ``RandomResizedCrop.make_params`` step for step (and the flip of
-        ``RandomHorizontalFlip(0.5)``), on a generator of its own: the global RNG is not touched.
+        torchvision's own ``RandomResizedCrop.get_params``, then the draw of
+        ``RandomHorizontalFlip(0.5)``, on the global generator seeded with ``crop_seed(seed, i,
+        view)`` and restored afterwards (``kd.data.order.forked_seed``).
         """
-        g = torch.Generator().manual_seed(crop_seed(self.seed, i, view))
-        area = height * width
-        for _ in range(10):
-            target_area = area * torch.empty(1).uniform_(self.scale[0], self.scale[1], generator=g).item()
-            aspect_ratio = torch.exp(torch.empty(1).uniform_(*self._log_ratio, generator=g)).item()
-            w = int(round(math.sqrt(target_area * aspect_ratio)))
-            h = int(round(math.sqrt(target_area / aspect_ratio)))
-            if 0 < w <= width and 0 < h <= height:
-                top = int(torch.randint(0, height - h + 1, size=(1,), generator=g).item())
-                left = int(torch.randint(0, width - w + 1, size=(1,), generator=g).item())
-                break
-        else:  # the whole image, clamped to the ratio range, centred
-            in_ratio = width / height
-            if in_ratio < min(self.ratio):
-                w, h = width, int(round(width / min(self.ratio)))
-            elif in_ratio > max(self.ratio):
-                w, h = int(round(height * max(self.ratio))), height
-            else:
-                w, h = width, height
-            top, left = (height - h) // 2, (width - w) // 2
-        flipped = bool(torch.rand(1, generator=g).item() < 0.5)
-        return top, left, h, w, flipped
+        shape = torch.empty(()).expand(3, height, width)  # what get_params reads: the size, no pixels
+        with forked_seed(crop_seed(self.seed, i, view)):
+            top, left, h, w = transforms.RandomResizedCrop.get_params(shape, list(self.scale), list(self.ratio))
+            flipped = bool(torch.rand(1).item() < 0.5)
+        return int(top), int(left), int(h), int(w), flipped
 
     def _load(self, i: int) -> Tensor:
         """Image ``i`` decoded, ``(3, H, W)`` uint8."""
