@@ -1,6 +1,7 @@
 """Exact resume: a run SIGKILLed mid-epoch and restarted with the same command ends where an uninterrupted run ends.
 
-Each run is a real ``kd-train`` process. The reference run is never interrupted; the faulty one is
+Each faulty run is a real ``kd-train`` process; the reference run, never interrupted, runs in this
+process (the same code; its equality with the subprocess runs is part of what is shown). The faulty one is
 killed right after a random optimizer step in the middle of an epoch (``tests.faults.KillAt``),
 between two step checkpoints, then run again with the same command plus ``resume=auto``, which
 finds the run's directory and its newest checkpoint. Final and best-validation metrics must be
@@ -46,10 +47,9 @@ def assert_same_weights(a: Path, b: Path) -> None:
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_a_run_killed_mid_epoch_resumes_to_the_same_weights_and_metrics(tmp_path: Path, method: str) -> None:
+def test_a_run_killed_mid_epoch_resumes_to_the_same_weights_and_metrics(cli, tmp_path: Path, method: str) -> None:
     common = (*RUN, *METHODS[method], f"teacher.store_dir={tmp_path / 'store'}")
-    code, out = kd_train(tmp_path, *common, f"hydra.run.dir={tmp_path / 'whole'}")
-    assert code == 0, out
+    assert cli(*common, f"hydra.run.dir={tmp_path / 'whole'}") == 0  # in this process: it is not killed
     whole = json.loads((tmp_path / "whole" / RESULTS_FILE).read_text())
     total = torch.load(tmp_path / "whole" / "checkpoints" / "last.ckpt", weights_only=True, mmap=True)["global_step"]
     per_epoch = total // EPOCHS
@@ -113,10 +113,9 @@ def test_an_interrupted_sweep_run_again_with_resume_auto_resumes_its_job_and_ski
     assert {n: (sweep / n / RESULTS_FILE).read_bytes() for n in "01"} == finished
 
 
-def test_slurm_preemption_saves_through_lightnings_handler_and_the_requeued_job_resumes(tmp_path: Path) -> None:
+def test_slurm_preemption_saves_through_lightnings_handler_and_the_requeued_job_resumes(cli, tmp_path: Path) -> None:
     common = (*RUN, "trainer.max_epochs=2", "distill=kd", f"teacher.store_dir={tmp_path / 'store'}")
-    code, out = kd_train(tmp_path, *common, f"hydra.run.dir={tmp_path / 'whole'}")
-    assert code == 0, out
+    assert cli(*common, f"hydra.run.dir={tmp_path / 'whole'}") == 0
     # a SLURM job of one task, with an scontrol that records the requeue instead of doing it
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
