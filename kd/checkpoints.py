@@ -22,6 +22,7 @@ import pickle
 import random
 import re
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,6 @@ from kd.results import _write_atomic
 
 log = logging.getLogger(__name__)
 
-RESUME_PREFIX = "resume-"  # the step checkpoints: checkpoints/resume-step<k>.ckpt
 PICKLE_RISK = ("loading it runs arbitrary code from the file (pickle); if you trust its source, "
                "set checkpoint.allow_pickle=true")
 
@@ -78,6 +78,28 @@ def pickle_refusal(e: BaseException, path: str | Path, key: str) -> ConfigError 
     found = re.search(r"GLOBAL (\S+)", str(e))
     what = f"a pickled {found.group(1)}" if found else "pickled objects"
     return ConfigError(key, f"{path} holds more than weights ({what}); {PICKLE_RISK}")
+
+
+def listed(keys: list[str], shown: int = 5) -> str:
+    """The first keys of a list, and how many more there are."""
+    more = f", +{len(keys) - shown} more" if len(keys) > shown else ""
+    return ", ".join(keys[:shown]) + more
+
+
+def state_dict_mismatch(saved: dict[str, Any], own: dict[str, Any], *, saved_as: str, own_as: str,
+                        keys: Callable[[list[str]], str] = listed) -> str:
+    """Why ``saved`` does not load into a module whose state_dict is ``own``, '' when it does.
+
+    The first tensor of another shape (``saved_as`` / ``own_as`` say where each shape is from), then
+    the missing and unexpected keys, each list written by ``keys``.
+    """
+    wrong = [f"{k} {tuple(saved[k].shape)} {saved_as} vs {tuple(v.shape)} {own_as}"
+             for k, v in own.items() if k in saved and tuple(saved[k].shape) != tuple(v.shape)]
+    missing, unexpected = sorted(set(own) - set(saved)), sorted(set(saved) - set(own))
+    parts = (f"size mismatch for {wrong[0]}" if wrong else "",
+             f"{len(missing)} missing keys ({keys(missing)})" if missing else "",
+             f"{len(unexpected)} unexpected keys ({keys(unexpected)})" if unexpected else "")
+    return "; ".join(p for p in parts if p)
 
 
 def _first_line(e: BaseException) -> str:

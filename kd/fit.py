@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from kd.cache import TeacherCache
+from kd.checkpoints import load_checkpoint, state_dict_mismatch
 from kd.compress.base import compressions
 from kd.errors import ConfigError, instantiate_checked
 from kd.features import FeatureExtractor
@@ -185,8 +186,8 @@ def park_hpc_checkpoints(trainer: L.Trainer) -> None:
     root = Path(trainer.default_root_dir)
     for path in root.glob("hpc_ckpt_*.ckpt"):
         try:
-            step = int(torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("global_step", -1))
-        except Exception:  # noqa: BLE001 (a corrupt one is moved all the same)
+            step = int(load_checkpoint(path, mmap=True).get("global_step", -1))
+        except ConfigError:  # corrupt or pickled: moved all the same
             step = -1
         target = root / "checkpoints" / f"hpc-step{step}-{path.stem.rsplit('_', 1)[-1]}.ckpt"
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -200,8 +201,8 @@ def check_resumable(module: DistillationModule, path: Path, trainer: L.Trainer) 
     Raises:
         ConfigError: Naming the first mismatched, missing or unexpected entries.
     """
-    io = trainer.strategy.checkpoint_io
-    state = io.load_checkpoint(path) if hasattr(io, "allow_pickle") else torch.load(path, map_location="cpu", weights_only=True)
+    allow_pickle = bool(getattr(trainer.strategy.checkpoint_io, "allow_pickle", False))
+    state = load_checkpoint(path, allow_pickle=allow_pickle, mmap=True)
     epoch = int(state.get("epoch", -1))
     for cb in compressions(trainer.callbacks):  # type: ignore[attr-defined]
         if cb.changes_structure and epoch >= cb.start_epoch:
@@ -210,15 +211,10 @@ def check_resumable(module: DistillationModule, path: Path, trainer: L.Trainer) 
                               "start it again (resume=null), or resume from a checkpoint of an earlier epoch")
     saved = {k: v for k, v in state.get("state_dict", {}).items() if not k.startswith("teacher.")}
     own = {k: v for k, v in module.state_dict().items() if not k.startswith("teacher.")}
-    wrong = [f"{k} {tuple(saved[k].shape)} in the checkpoint vs {tuple(v.shape)} here"
-             for k, v in own.items() if k in saved and tuple(saved[k].shape) != tuple(v.shape)]
-    missing, unexpected = sorted(set(own) - set(saved)), sorted(set(saved) - set(own))
-    if wrong or missing or unexpected:
-        parts = [f"size mismatch for {wrong[0]}" if wrong else "",
-                 f"{len(missing)} missing keys (e.g. {missing[0]})" if missing else "",
-                 f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})" if unexpected else ""]
-        raise ConfigError("resume", f"{path} is a checkpoint of another model or method: "
-                          f"{'; '.join(p for p in parts if p)}; resume with the command that wrote it")
+    details = state_dict_mismatch(saved, own, saved_as="in the checkpoint", own_as="here", keys=lambda ks: f"e.g. {ks[0]}")
+    if details:
+        raise ConfigError("resume", f"{path} is a checkpoint of another model or method: {details}; "
+                          "resume with the command that wrote it")
 
 
 def _epochs_trained(trainer: L.Trainer) -> int:

@@ -188,26 +188,28 @@ class DistillationModule(L.LightningModule):
     def _check_finite(self, terms: dict[str, Tensor], loss: Tensor, batch_idx: int) -> None:
         """Stops training at the first NaN/Inf term (or sum), before it reaches any weight.
 
-        One host sync per step, the price of stopping at once: a later check would let NaN
-        weights into the step checkpoints.
+        The sum is non-finite exactly when a term is (or when finite terms overflow it), so the
+        step checks that one scalar: one host sync per step, the price of stopping at once (a
+        later check would let NaN weights into the step checkpoints). The terms are looked at only
+        once it fails.
 
         Raises:
-            Diverged: Naming the first non-finite term, the step, epoch and batch.
+            Diverged: Naming the first non-finite term (else the sum), the step, epoch and batch.
         """
-        values = torch.stack([*(v.detach().float() for v in terms.values()), loss.detach().float()])
-        finite = torch.isfinite(values)
-        bad_here = (~finite).sum()
+        bad_here = ~torch.isfinite(loss.detach())
         # every rank stops together: a rank that went on alone would wait forever in the next all-reduce
         trainer = self._trainer
         several = trainer is not None and trainer.world_size > 1
         bad_anywhere = trainer.strategy.reduce(bad_here.float(), reduce_op="sum") if several else bad_here
         if not bool(bad_anywhere):
             return
+        where = (self.global_step, self.current_epoch, batch_idx)
         if not bool(bad_here):
-            raise Diverged("a loss term on another rank", float("nan"), self.global_step, self.current_epoch, batch_idx)
-        bad = int((~finite).nonzero()[0, 0])
-        names = [f"train/loss_{name}" for name in terms] + ["train/loss"]
-        raise Diverged(names[bad], float(values[bad]), self.global_step, self.current_epoch, batch_idx)
+            raise Diverged("a loss term on another rank", float("nan"), *where)
+        for name, value in terms.items():
+            if not bool(torch.isfinite(value.detach())):
+                raise Diverged(f"train/loss_{name}", float(value), *where)
+        raise Diverged("train/loss", float(loss), *where)
 
     def _eval_step(self, batch: Batch, metrics: MetricCollection, stage: str) -> None:
         x, y = self._input(batch), batch["target"]

@@ -282,6 +282,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(seed, workers=True, verbose=False)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     start_loggers(loggers, resolved)
+
+    def header(status: str) -> dict[str, Any]:
+        """The fields of every ``results.json``, of a completed run or a failed one."""
+        return {
+            "kd_version": kd.__version__, "git": git_info(), "status": status, "started_at": started_at,
+            "wall_time_s": round(time.time() - start, 2), "run_dir": str(output_dir), "overrides": task_overrides(),
+            "method": type(criterion).__name__, "seed": seed,
+        }
+
     try:
         result = fit(
             student=student, criterion=criterion, datamodule=datamodule, teacher=teacher,
@@ -296,14 +305,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         )
     except Diverged as e:
         if trainer.is_global_zero:
-            record = {
-                "kd_version": kd.__version__, "git": git_info(), "status": "failed", "error": str(e),
-                "diverged": e.as_dict(), "started_at": started_at, "wall_time_s": round(time.time() - start, 2),
-                "run_dir": str(output_dir), "overrides": task_overrides(), "method": type(criterion).__name__,
-                "seed": seed, "last_good_checkpoint": str(find_resume(output_dir, allow_pickle=allow_pickle) or ""),
-                "config": resolved,
+            failed = {
+                **header("failed"), "error": str(e), "diverged": e.as_dict(),
+                "last_good_checkpoint": str(find_resume(output_dir, allow_pickle=allow_pickle) or ""), "config": resolved,
             }
-            write_json_atomic(output_dir / RESULTS_FILE, record)  # kd-table lists the run as failed, with the error
+            write_json_atomic(output_dir / RESULTS_FILE, failed)  # kd-table lists the run as failed, with the error
         raise
     weights = output_dir / STUDENT_WEIGHTS
     student = result.module.student  # the compression callbacks may have replaced it
@@ -312,15 +318,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if "test/acc" in metrics:
             metrics["test/errors"] = round((1.0 - metrics["test/acc"]) * test_size)
     results = {
-        "kd_version": kd.__version__,
-        "git": git_info(),
-        "status": "completed",
-        "started_at": started_at,
-        "wall_time_s": round(time.time() - start, 2),
-        "run_dir": str(output_dir),
-        "overrides": task_overrides(),
-        "method": type(criterion).__name__,
-        "seed": seed,
+        **header("completed"),
         "world_size": trainer.world_size,
         "data": {
             "name": type(datamodule).__name__, "num_classes": datamodule.num_classes, "input_shape": list(shape),

@@ -45,7 +45,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 import kd
-from kd.checkpoints import pickle_refusal
+from kd.checkpoints import pickle_refusal, state_dict_mismatch
 from kd.errors import ConfigError, instantiate_checked
 from kd.fit import build_optimization, evaluate, fit
 from kd.models.build import build_model, count_parameters, model_node
@@ -190,32 +190,13 @@ def load_weights(net: nn.Module, path: Path, key: str = "teacher.ckpt", allow_pi
         state = {k[len("module."):]: v for k, v in state.items()}
     if any(k.startswith("student.") for k in state):
         state = {k[len("student."):]: v for k, v in state.items() if k.startswith("student.")}
-    own = net.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = [
-        f"{k} {tuple(state[k].shape)} in the file vs {tuple(own[k].shape)} in the model"
-        for k in own if k in state and state[k].shape != own[k].shape
-    ]
-    if missing or unexpected or wrong:
-        details = "; ".join(
-            part for part in (
-                f"size mismatch for {wrong[0]}" if wrong else "",
-                f"{len(missing)} missing keys ({_listed(missing)})" if missing else "",
-                f"{len(unexpected)} unexpected keys ({_listed(unexpected)})" if unexpected else "",
-            ) if part
-        )
+    details = state_dict_mismatch(state, net.state_dict(), saved_as="in the file", own_as="in the model")
+    if details:
         raise ConfigError(
             key, f"{path} does not fit model.teacher ({type(net).__name__}): {details}; "
             "pick the model/teacher config it was trained with"
         )
     net.load_state_dict(state)
-
-
-def _listed(keys: list[str], shown: int = 5) -> str:
-    """The first keys of a list, and how many more there are."""
-    more = f", +{len(keys) - shown} more" if len(keys) > shown else ""
-    return ", ".join(keys[:shown]) + more
 
 
 def multi_process_launch() -> bool:

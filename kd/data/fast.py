@@ -17,6 +17,8 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from kd.data.order import check_order_seed
+
 
 class BatchSource(Protocol):
     """What ``BatchLoader`` needs of a dataset (``ImageViews``, ``IndexedTensorDataset``)."""
@@ -105,9 +107,7 @@ class BatchLoader:
         return {"epoch": self.epoch - 1 if self.served else self.epoch, "batches": self.served, "seed": self.seed}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        if int(state["seed"]) != self.seed:
-            raise ValueError(f"the checkpoint's data order has seed {state['seed']}, this run {self.seed}: "
-                             "resume with the run's own seed")
+        check_order_seed(state, self.seed)
         done = int(state["batches"]) >= len(self)  # saved after the epoch's last batch
         self.epoch = int(state["epoch"]) + (1 if done else 0)
         self._start = 0 if done else int(state["batches"])

@@ -52,6 +52,17 @@ def forked_seed(seed: int | None) -> Iterator[None]:
         yield
 
 
+def check_order_seed(state: dict[str, int], seed: int) -> None:
+    """Refuses a loader state saved under another data-order seed.
+
+    Raises:
+        ValueError: Naming both seeds.
+    """
+    if int(state["seed"]) != seed:
+        raise ValueError(f"the checkpoint's data order has seed {state['seed']}, this run {seed}: "
+                         "resume with the run's own seed")
+
+
 class EpochSampler(DistributedSampler):
     """Keys ``(index, sample_seed)`` of one rank's share of epoch ``e``, drawn from ``seed + e``.
 
@@ -123,9 +134,7 @@ class ResumableLoader(DataLoader):
         return {"epoch": int(self.sampler.epoch), "batches": int(self.served), "seed": int(self.seed)}  # type: ignore[attr-defined]
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        if int(state["seed"]) != self.seed:
-            raise ValueError(f"the checkpoint's data order has seed {state['seed']}, this run {self.seed}: "
-                             "resume with the run's own seed")
+        check_order_seed(state, self.seed)
         sampler: EpochSampler = self.sampler  # type: ignore[assignment]
         start = int(state["batches"]) * int(self.batch_size)  # type: ignore[arg-type]
         if start >= sampler.num_samples:  # saved after the epoch's last batch: the next epoch starts afresh
