@@ -202,7 +202,7 @@ def compose(overrides: list[str]) -> Any:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from kd.train import config_dir
+    from kd.cli.train import config_dir
 
     with initialize_config_dir(config_dir(), version_base="1.3"):
         return hydra_compose("train", overrides=overrides)
@@ -211,12 +211,12 @@ def compose(overrides: list[str]) -> Any:
 def kd_loop(cfg: Any, teacher_state: dict[str, torch.Tensor], student_state: dict[str, torch.Tensor],
             warmup: int, steps: int, device: torch.device, cache_dir: Path | None) -> tuple[float, dict[str, Any]]:
     """Seconds per step of kd's training loop on ``cfg`` (the teacher's weights given), and notes."""
-    from kd.cache import open_cache
     from kd.errors import instantiate_checked
-    from kd.fit import build_optimization
-    from kd.method import prepare_method
     from kd.models.build import build_model
-    from kd.module import DistillationModule
+    from kd.teacher.cache import open_cache
+    from kd.training.fit import build_optimization
+    from kd.training.method import prepare_method
+    from kd.training.module import DistillationModule
 
     L.seed_everything(0, verbose=False)
     datamodule = instantiate_checked(cfg.data, "data")

@@ -1,6 +1,6 @@
 """Prints kd's compression report for a digits run and a CIFAR zoo pair, one row per variant.
 
-Each variant is one real ``kd-train`` run (``kd.run.run`` on the composed config, KD throughout)
+Each variant is one real ``kd-train`` run (``kd.training.run.run`` on the composed config, KD throughout)
 with its compression callbacks; the table is read from the runs' ``results.json`` reports. The
 CIFAR pair trains 5 short epochs (10 batches each) on generated CIFAR-100 pickles of the real
 format (random pixels, so its accuracies mean nothing; sizes and latencies do). Not a test: numbers depend on the machine.
@@ -57,8 +57,8 @@ def run_one(overrides: list[str], root: Path, name: str) -> dict:
     from hydra import compose, initialize_config_dir
     from omegaconf import open_dict
 
-    from kd.run import run
-    from kd.train import config_dir
+    from kd.cli.train import config_dir
+    from kd.training.run import run
 
     with initialize_config_dir(config_dir(), version_base="1.3"):
         cfg = compose("train", overrides=overrides)

@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 root="${KD_OUTPUT_ROOT:-outputs}"
 sweep="$root/multiruns/methods-$(date +%Y%m%d-%H%M%S)"
 start=$(date +%s)
-.venv/bin/python -m kd.train -m 'distill=glob(*)' hydra.sweep.dir="$sweep" "$@"
+.venv/bin/python -m kd.cli.train -m 'distill=glob(*)' hydra.sweep.dir="$sweep" "$@"
 echo "sweep finished in $(( $(date +%s) - start )) s: $sweep"
 .venv/bin/python - "$sweep" <<'PY'
 import json, sys

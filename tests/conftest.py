@@ -11,7 +11,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
-from kd.train import config_dir
+from kd.cli.train import config_dir
 
 CONF = Path(config_dir())
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -49,7 +49,7 @@ def cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..
     monkeypatch.setenv("HYDRA_FULL_ERROR", "0")  # kd-train sets it; restored after the test
 
     def call(*args: str) -> int:
-        from kd.train import cli
+        from kd.cli.train import cli
 
         monkeypatch.setattr(sys, "argv", ["kd-train", *args])
         try:

@@ -12,13 +12,13 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from datagen import write_cifar
 
-from kd.cache import open_cache
 from kd.data import CIFARDataModule
 from kd.data.cifar import STATS
 from kd.errors import ConfigError
-from kd.features import FeatureExtractor
 from kd.models.cifar import resnet8
-from kd.run import run
+from kd.models.features import FeatureExtractor
+from kd.teacher.cache import open_cache
+from kd.training.run import run
 
 
 def _cifar(tmp_path: Path, seed: int = 0, augment: bool = True, n_train: int = 20) -> CIFARDataModule:

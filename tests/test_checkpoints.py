@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from kd.checkpoints import CorruptCheckpoint, SafeCheckpointIO, StepSeeds, find_resume, load_checkpoint
 from kd.data.fast import BatchLoader
 from kd.data.order import ResumableLoader
 from kd.data.views import ImageViews, PadCrop
 from kd.errors import ConfigError
+from kd.models.weights import CorruptCheckpoint, load_checkpoint
 from kd.results import write_json_atomic
+from kd.training.checkpoints import SafeCheckpointIO, StepSeeds, find_resume
 
 
 def _views(n: int = 45) -> ImageViews:

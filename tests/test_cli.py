@@ -108,7 +108,7 @@ def test_an_unknown_feature_name_fails_before_any_teacher_is_trained(cli, capsys
 def test_kd_nodes_lists_every_name_with_its_shape_and_the_taps(monkeypatch, capsys, tmp_path: Path) -> None:
     import sys
 
-    from kd.nodes import main
+    from kd.cli.nodes import main
 
     monkeypatch.setattr(sys, "argv", ["kd-nodes", f"hydra.run.dir={tmp_path}", "hydra.output_subdir=null"])
     main()

@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from kd.models.build import build_model
-from kd.run import run
+from kd.training.run import run
 from tests.conftest import CONF
 from tests.datagen import write_cifar, write_image_folder, write_mnist
 

@@ -24,9 +24,9 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from kd.evaluate import evaluate_model, rebuild_student
-from kd.loggers import CSVLogger
+from kd.compress.evaluate import evaluate_model, rebuild_student
 from kd.results import RESULTS_FILE, STUDENT_WEIGHTS
+from kd.training.loggers import CSVLogger
 
 WORLD_SIZE = 2  # conf/trainer/ddp_cpu.yaml
 # Short runs: the student trains on all of digits' training split (so that steps per epoch show
@@ -185,7 +185,7 @@ def test_csv_logger_copied_into_each_worker_keeps_one_whole_metrics_file(tmp_pat
     # Under ddp_spawn, fit, validate and test each run in new workers with a copy of the main
     # process's logger, which never wrote; they add to one metrics.csv one after the other.
     logger = CSVLogger(str(tmp_path), name="csv", version="")
-    logger.log_hyperparams({"seed": 0})  # the main process (kd.loggers.start_loggers)
+    logger.log_hyperparams({"seed": 0})  # the main process (kd.training.loggers.start_loggers)
     copies = pickle.dumps(logger)
     fit, validate = pickle.loads(copies), pickle.loads(copies)
     fit.log_metrics({"train/loss": 2.0, "val/acc": 0.5}, step=9)

@@ -10,7 +10,7 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 
 from kd.errors import ConfigError
 from kd.models import ConvNet
-from kd.run import run
+from kd.training.run import run
 from tests.conftest import compose_cfg
 
 

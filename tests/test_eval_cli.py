@@ -11,11 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kd.cli.eval import main
 from kd.compress.artifacts import export_program
+from kd.compress.evaluate import evaluate_model
 from kd.data import DigitsDataModule
-from kd.evaluate import evaluate_model, main
 from kd.models import MLP
-from kd.run import run
+from kd.training.run import run
 from tests.datagen import write_mnist
 
 
@@ -122,12 +123,14 @@ def test_typo_in_a_data_option_names_the_options(capsys, exported) -> None:
     path, _ = exported
     code, _, err = kd_eval(capsys, str(path), "data.eval_batchsize=8")
     assert_one_line_error(
-        code, err, r"kd-eval: error: data.eval_batchsize: no such option; data has: _target_, batch_size, "
-        r"eval_batch_size, val_fraction, test_fraction, split_seed, num_workers, fast"
+        code, err, r"kd-eval: error: data.eval_batchsize: no such key in data \(DigitsDataModule\); did you mean "
+        r"eval_batch_size, batch_size\? valid: _target_, batch_size, eval_batch_size, val_fraction, test_fraction, "
+        r"split_seed, num_workers, fast \(a key the config lacks is added with \+data.eval_batchsize=...\)"
     )
     code, _, err = kd_eval(capsys, str(path), "data=digitz")
     assert_one_line_error(
-        code, err, r"kd-eval: error: data: no config data/digitz; options: cifar10, cifar100, digits, imagenet, mnist"
+        code, err, r"kd-eval: error: data=digitz: no such option in conf/data/; did you mean digits\? "
+        r"valid: cifar10, cifar100, digits, imagenet, mnist"
     )
 
 

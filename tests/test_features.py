@@ -8,8 +8,8 @@ from torch import nn
 from torchvision.models import resnet18
 
 from kd.errors import ConfigError
-from kd.features import FeatureExtractor, available_nodes
 from kd.models import ConvNet
+from kd.models.features import FeatureExtractor, available_nodes
 
 
 def _convnet() -> ConvNet:

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from kd.loggers import flat_enough, run_identity, wandb_logger, wandb_reachable
-from kd.run import run
+from kd.training.loggers import flat_enough, run_identity, wandb_logger, wandb_reachable
+from kd.training.run import run
 
 DUMMY_KEY = "0123456789abcdef0123456789abcdef01234567"  # 40 characters, like a real key
 CLOSED_PORT = "http://127.0.0.1:9"  # nothing listens on the discard port
@@ -133,7 +133,7 @@ def test_wandb_with_a_key_and_no_server_starts_offline_at_once(make_cfg, tmp_pat
 )
 def test_wandb_mode(tmp_path: Path, no_wandb_env, monkeypatch, caplog, env: dict, offline, expected: bool,
                     message: str) -> None:
-    caplog.set_level(logging.INFO, logger="kd.loggers")
+    caplog.set_level(logging.INFO, logger="kd.training.loggers")
     monkeypatch.setenv("WANDB_BASE_URL", CLOSED_PORT)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
@@ -143,7 +143,7 @@ def test_wandb_mode(tmp_path: Path, no_wandb_env, monkeypatch, caplog, env: dict
 
 
 def test_wandb_key_from_netrc_counts(tmp_path: Path, no_wandb_env, monkeypatch, caplog) -> None:
-    caplog.set_level(logging.INFO, logger="kd.loggers")
+    caplog.set_level(logging.INFO, logger="kd.training.loggers")
     netrc = tmp_path / "netrc"
     netrc.write_text(f"machine 127.0.0.1:9\n  login user\n  password {DUMMY_KEY}\n")
     netrc.chmod(0o600)
@@ -173,7 +173,7 @@ def test_run_identity_from_overrides() -> None:
 
 
 def test_user_name_group_tags_win(make_cfg, tmp_path: Path, no_wandb_env) -> None:
-    from kd.loggers import start_loggers
+    from kd.training.loggers import start_loggers
 
     logger = wandb_logger(save_dir=str(tmp_path), name="mine", tags=["a"])
     logger._wandb_init["mode"] = "disabled"  # logging the config starts a run: here one that writes nothing
@@ -197,13 +197,13 @@ def test_file_loggers_write_their_files(make_cfg, tmp_path: Path, option: str, p
 def test_a_failed_job_closes_its_wandb_run_as_failed(cli, tmp_path: Path, no_wandb_env, monkeypatch) -> None:
     import wandb
 
-    import kd.run
+    import kd.training.run
 
     def fit_that_breaks(**kwargs: Any) -> None:
         assert wandb.run is not None  # the config is logged before training
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(kd.run, "fit", fit_that_breaks)
+    monkeypatch.setattr(kd.training.run, "fit", fit_that_breaks)
     run_dir = tmp_path / "r"
     assert cli("logger=wandb", "distill=none", f"hydra.run.dir={run_dir}") == 1  # Hydra prints the error
     assert wandb.run is None  # the next job of a sweep starts its own run

@@ -16,12 +16,12 @@ from kd.losses import KDLoss
 from kd.losses.base import DistillationLoss, Stage
 from kd.losses.combined import Combined
 from kd.losses.schedules import Constant, LinearWarmup, StepUntil, as_schedule
-from kd.method import prepare_method
 from kd.models import ConvNet
-from kd.module import DistillationModule
 from kd.outputs import Batch, DataInfo, ModelOutput
-from kd.run import run
-from kd.stages import run_stages
+from kd.training.method import prepare_method
+from kd.training.module import DistillationModule
+from kd.training.run import run
+from kd.training.stages import run_stages
 
 
 class Probe(DistillationLoss):
@@ -224,7 +224,7 @@ def test_loading_a_checkpoint_before_the_method_is_prepared_fails_clearly(tmp_pa
 
 
 def test_stages_under_ddp_allow_unused_parameters(make_cfg) -> None:
-    from kd.run import stage_strategy
+    from kd.training.run import stage_strategy
 
     assert stage_strategy(make_cfg("trainer=ddp", fast=False)) == {"strategy": "ddp_find_unused_parameters_true"}
     assert stage_strategy(make_cfg("trainer=cpu", fast=False)) == {}

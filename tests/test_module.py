@@ -13,7 +13,7 @@ from kd.data import DigitsDataModule
 from kd.errors import ConfigError
 from kd.losses import CrossEntropy, KDLoss
 from kd.models import ConvNet
-from kd.module import DistillationModule
+from kd.training.module import DistillationModule
 
 
 class TeacherWatch(Callback):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from kd.results import FAILURE_FILE, RESULTS_FILE, STUDENT_WEIGHTS
-from kd.runs import find_runs
+from kd.sweeps.runs import find_runs
 
 REPO = Path(__file__).resolve().parents[1]
 SHORT = (

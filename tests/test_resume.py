@@ -22,9 +22,9 @@ import torch
 from faults import kd_train
 from omegaconf import OmegaConf
 
-from kd.checkpoints import CorruptCheckpoint
+from kd.models.weights import CorruptCheckpoint
 from kd.results import RESULTS_FILE, STUDENT_WEIGHTS
-from kd.run import resume_checkpoint
+from kd.training.run import resume_checkpoint
 
 EVERY = 4  # checkpoint.every_n_train_steps
 EPOCHS = 3

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from kd.models import ConvNet
-from kd.run import run
-from kd.teacher import store_key, teacher_run_config
+from kd.teacher.source import store_key, teacher_run_config
+from kd.training.run import run
 
 # The documented fields of results.json (README, "What a run writes").
 RESULT_FIELDS = {
@@ -57,7 +57,7 @@ def test_second_run_reuses_the_stored_teacher(make_cfg, tmp_path: Path, caplog) 
     assert not list(store.glob(".*tmp*")), "a temporary entry was left behind"
     weights = torch.load(entry / "teacher.pt", weights_only=True)
 
-    caplog.set_level("INFO", logger="kd.teacher")
+    caplog.set_level("INFO", logger="kd.teacher.source")
     second = run(make_cfg(f"teacher.store_dir={store}", "seed=3", "distill.temperature=2", run_dir="b"))
     assert second["teacher"]["source"] == "store"
     assert second["teacher"]["key"] == first["teacher"]["key"]

@@ -1,4 +1,4 @@
-"""SLURM through hydra-submitit-launcher: conf/hydra/launcher/slurm*.yaml, kd/slurm.py, and what sbatch receives.
+"""SLURM through hydra-submitit-launcher: conf/hydra/launcher/slurm*.yaml, kd/cli/slurm.py, and what sbatch receives.
 
 No cluster here: ``sbatch``, ``srun`` and ``sacct`` are small stand-ins written by the ``fake_slurm``
 fixture. ``sbatch`` keeps the script submitit writes and, when asked, runs it at once as a
@@ -22,9 +22,9 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from kd.cli.slurm import check_slurm_launch, device_count
 from kd.errors import ConfigError
-from kd.run import check_launch
-from kd.slurm import check_slurm_launch, device_count
+from kd.training.run import check_launch
 from tests.conftest import CONF
 
 SLURM_LAUNCHER = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"

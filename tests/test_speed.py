@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from kd.data import DigitsDataModule
-from kd.features import FeatureExtractor
 from kd.losses import KDLoss
 from kd.models import ConvNet
-from kd.module import DistillationModule
+from kd.models.features import FeatureExtractor
+from kd.training.module import DistillationModule
 
 
 def _fit(tmp_path, **options) -> tuple[DistillationModule, list[float]]:

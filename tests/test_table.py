@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from kd.runs import Run, TableError, find_runs, key_value
-from kd.table import build_table, main, to_csv, to_latex, to_markdown
+from kd.cli.table import main
+from kd.sweeps.formats import to_csv, to_latex, to_markdown
+from kd.sweeps.runs import Run, TableError, find_runs, key_value
+from kd.sweeps.table import build_table
 
 
 def job(root: Path, name: str, overrides: list[str], acc: float | None = None, *, final_acc: float | None = None,
@@ -198,7 +200,7 @@ def test_bad_input_is_one_line_and_status_2(sweep: Path, tmp_path: Path, capsys,
 def test_plots_are_real_pngs(sweep: Path, tmp_path: Path, capsys) -> None:
     from matplotlib.image import imread
 
-    from kd.plots import DPI, SIZE
+    from kd.sweeps.plots import DPI, SIZE
 
     for i, t in enumerate([2, 2, 4, 4]):
         job(sweep, f"t{i}", ["distill=kd", "model/student=s1", f"distill.temperature={t}", f"seed={i}"], 0.5 + 0.1 * i)

@@ -13,8 +13,9 @@ from hydra.utils import instantiate
 from kd.models import build_model, count_parameters
 from kd.models import pretrained as pretrained_weights
 from kd.models.cifar import resnet8
-from kd.run import run
-from kd.teacher import load_weights, resolve_teacher, store_key, teacher_run_config
+from kd.models.weights import load_weights
+from kd.teacher.source import resolve_teacher, store_key, teacher_run_config
+from kd.training.run import run
 from tests.datagen import write_cifar
 
 RESNET18 = torchvision.models.ResNet18_Weights.IMAGENET1K_V1

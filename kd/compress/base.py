@@ -2,7 +2,7 @@
 
 A compression callback is a Lightning ``Callback`` that changes the student while it trains,
 with the teacher distilling into it throughout. Besides Lightning's hooks it has four parts that
-``kd.run`` calls, in this order:
+``kd.training.run`` calls, in this order:
 
 1. ``check(...)``: right after the config is composed, before any teacher or student trains;
    every bad value (a sparsity of 1.2, a start epoch beyond ``max_epochs``, a student whose layers

@@ -20,6 +20,7 @@ from torch import nn
 
 from kd.compress.artifacts import export_onnx, export_program, load_artifact, quantized_part
 from kd.compress.base import Compression, dense_snapshot
+from kd.compress.evaluate import evaluate_model
 from kd.compress.report import count_weights, measure, measure_unsaved, ratios
 
 log = logging.getLogger(__name__)
@@ -70,8 +71,6 @@ def deploy_and_report(
         The report: ``rows`` (one per model), ``ratios`` (dense / compressed), the callbacks'
         summaries and the timing settings.
     """
-    from kd.evaluate import evaluate_model
-
     timing = {"batch_sizes": list(batch_sizes), "warmup": warmup, "repeats": repeats}
     student = student.eval()
     counts = count_weights(student)  # before conversion, which keeps count and zeros

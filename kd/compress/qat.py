@@ -38,7 +38,7 @@ from torch import fx, nn
 from kd.compress.base import Compression
 from kd.compress.pt2e import convert_pt2e_int8, count_fake_quantized_graph, is_prepared, prepare_pt2e, set_freezing
 from kd.errors import ConfigError, check_int
-from kd.features import FeatureExtractor
+from kd.models.features import FeatureExtractor
 
 FLOWS = ("auto", "pt2e", "linear")
 ACTIVATIONS = {

@@ -1,5 +1,5 @@
 """FKD-style pre-drawn crops: a finite set of RandomResizedCrop + flip views per image, so a
-teacher's outputs on every training input can be computed once and stored (``kd.cache``).
+teacher's outputs on every training input can be computed once and stored (``kd.teacher.cache``).
 
 FKD: Shen & Xing, "A Fast Knowledge Distillation Framework for Visual Recognition", ECCV 2022,
 arXiv:2112.01528.

@@ -5,7 +5,7 @@ has 9 x 9 crop offsets x 2 flips = 162 views per image; Hinton's MNIST jitter (a
 2 px with zero fill) has 5 x 5 = 25. Drawing the view as an integer and rendering it with
 ``PadCrop.apply`` gives the same distribution as ``v2.RandomCrop(32, padding=4)`` followed by
 ``v2.RandomHorizontalFlip()``, and makes every training input nameable by ``(index, view)``:
-what the teacher-output cache (``kd.cache``) is keyed on. Rendering works on whole batches of
+what the teacher-output cache (``kd.teacher.cache``) is keyed on. Rendering works on whole batches of
 uint8 images (on any device), with no per-sample PIL or ``transforms`` work.
 """
 

@@ -19,7 +19,7 @@ class Stage:
 
     FT trains its paraphraser on the teacher's features; AB and FSP first train the student's
     feature layers (and connectors) to imitate the teacher. kd runs every stage the same way
-    (``kd.stages.run_stages``): ``epochs`` epochs over the training data with the run's optimizer,
+    (``kd.training.stages.run_stages``): ``epochs`` epochs over the training data with the run's optimizer,
     updating only ``modules`` (and the student when ``train_student``), before the main training.
 
     Attributes:

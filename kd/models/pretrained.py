@@ -8,7 +8,7 @@ fetch it from, not a download that stalls for minutes. Downloads run under a soc
 connection that stops sending fails instead of waiting forever.
 
 A model whose every weight is pretrained, classification head included, is a usable classifier as
-it is. Its builder marks it (``mark_pretrained``); ``kd.teacher`` uses such a teacher as is, with
+it is. Its builder marks it (``mark_pretrained``); ``kd.teacher.source`` uses such a teacher as is, with
 no training and no store entry. A model whose head or stem was replaced is not marked: it is only
 initialised from pretrained weights and trained like any other.
 """

@@ -24,7 +24,7 @@ from kd.data import DigitsDataModule
 from kd.errors import ConfigError, instantiate_checked
 from kd.losses.kd import KDLoss
 from kd.models import ConvNet
-from kd.module import DistillationModule
+from kd.training.module import DistillationModule
 from tests.conftest import CONF
 
 BATCHES = 6  # training batches per epoch in the fits: 6 optimizer steps per epoch

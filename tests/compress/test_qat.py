@@ -22,7 +22,7 @@ from kd.data import DigitsDataModule
 from kd.errors import ConfigError, instantiate_checked
 from kd.losses.kd import KDLoss
 from kd.models import MLP, ConvNet
-from kd.module import DistillationModule
+from kd.training.module import DistillationModule
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 SHAPE = (1, 8, 8)

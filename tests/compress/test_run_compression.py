@@ -13,7 +13,7 @@ from omegaconf import open_dict
 
 from kd.compress.artifacts import load_artifact
 from kd.errors import ConfigError
-from kd.run import run
+from kd.training.run import run
 from tests.conftest import compose_cfg
 
 REPO = Path(__file__).resolve().parents[2]
@@ -28,7 +28,7 @@ def _kd_eval(*artifacts: Path) -> list[dict]:
 
     One interpreter for all of them, since starting one (torch, Lightning) takes ~20 s here.
     """
-    code = "import sys; from kd.evaluate import main; [main([a, 'data=digits']) for a in sys.argv[1:]]"
+    code = "import sys; from kd.cli.eval import main; [main([a, 'data=digits']) for a in sys.argv[1:]]"
     out = subprocess.run(
         [sys.executable, "-c", code, *map(str, artifacts)], capture_output=True, text=True, cwd=REPO, timeout=300,
     )

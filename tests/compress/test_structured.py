@@ -13,12 +13,12 @@ from torch import nn
 from kd.compress.structured import ChannelPruning, channel_counts, prune_step
 from kd.data import DigitsDataModule
 from kd.errors import ConfigError
-from kd.features import FeatureExtractor
 from kd.losses.ce import CrossEntropy
 from kd.models import MLP, ConvNet
 from kd.models.cifar import resnet8
 from kd.models.cifar.resnet import CifarResNet
-from kd.module import DistillationModule
+from kd.models.features import FeatureExtractor
+from kd.training.module import DistillationModule
 
 DIGITS = (1, 8, 8)
 

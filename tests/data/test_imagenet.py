@@ -24,7 +24,7 @@ from torchvision.transforms.v2 import functional as F
 import kd.data.imagenet as kd_imagenet
 from kd.data.imagenet import MEAN, STD, CropViews, ImageNetDataModule, IndexedImages, crop_seed
 from kd.errors import ConfigError, instantiate_checked
-from kd.run import run
+from kd.training.run import run
 from tests.datagen import write_image_folder, write_imagenet_archives
 
 WNIDS = ["n10000000", "n10001111", "n10002222"]  # write_imagenet_archives' classes, in sorted order

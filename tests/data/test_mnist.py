@@ -10,7 +10,7 @@ import torch
 
 from kd.data.mnist import MEAN, STD, MNISTDataModule
 from kd.errors import ConfigError
-from kd.run import run
+from kd.training.run import run
 from tests.datagen import write_mnist
 
 

@@ -8,7 +8,7 @@ import torch
 from kd.errors import ConfigError
 from kd.models import MLP
 from kd.models.build import build_model, count_parameters
-from kd.run import run
+from kd.training.run import run
 from tests.conftest import CONF
 
 

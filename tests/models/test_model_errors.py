@@ -10,7 +10,7 @@ import torch
 from kd.errors import ConfigError
 from kd.models import torchvision_model
 from kd.models.cifar import resnet20, resnet56
-from kd.teacher import load_weights
+from kd.models.weights import load_weights
 
 
 def test_an_unknown_torchvision_name_fails_with_suggestions() -> None:

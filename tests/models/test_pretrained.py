@@ -14,9 +14,9 @@ import torchvision
 from torch import nn
 
 from kd.errors import ConfigError
-from kd.features import FeatureExtractor
 from kd.models import build_model, pretrained_source, timm_model, torchvision_model
 from kd.models import pretrained as pretrained_weights
+from kd.models.features import FeatureExtractor
 
 RESNET18 = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
 MARK = "torchvision:ResNet18_Weights.IMAGENET1K_V1"

@@ -6,9 +6,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from kd.features import FeatureExtractor
 from kd.models.build import NODES_KEY, build_model, count_parameters
 from kd.models.cifar import ZOO
+from kd.models.features import FeatureExtractor
 from tests.conftest import CONF
 
 # ../shared/REFERENCE.md, "Parameter counts of the reference CIFAR zoo (num_classes = 100)"

@@ -10,8 +10,8 @@ from torch import nn
 from torchvision.models.feature_extraction import get_graph_node_names
 
 from kd.errors import ConfigError
-from kd.features import FeatureExtractor
 from kd.models.cifar import resnet, wrn
+from kd.models.features import FeatureExtractor
 
 # Parameter counts at 100 classes, from /work/shared/REFERENCE.md (the CRD code's definitions).
 PARAMS = {

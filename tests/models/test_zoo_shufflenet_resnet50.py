@@ -10,10 +10,10 @@ from torch import nn
 from torchvision.models.feature_extraction import get_graph_node_names
 
 from kd.errors import ConfigError
-from kd.features import FeatureExtractor
 from kd.models.cifar.resnetv2 import ResNetV2, resnet50
 from kd.models.cifar.shufflenetv1 import ChannelShuffle, ShuffleNetV1, shufflenet_v1
 from kd.models.cifar.shufflenetv2 import ShuffleNetV2, shufflenet_v2
+from kd.models.features import FeatureExtractor
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "shufflenet_v1": shufflenet_v1,

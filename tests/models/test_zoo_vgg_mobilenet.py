@@ -10,9 +10,9 @@ from torch import nn
 from torchvision.models.feature_extraction import get_graph_node_names
 
 from kd.errors import ConfigError
-from kd.features import FeatureExtractor
 from kd.models.cifar.mobilenetv2 import MobileNetV2, mobile_half
 from kd.models.cifar.vgg import VGG, vgg8, vgg11, vgg13, vgg16, vgg19
+from kd.models.features import FeatureExtractor
 
 VGG_NODES = ["relu0", "relu1", "relu2", "relu3", "relu4", "block1", "block2", "block3", "block4", "flatten"]
 MOBILE_NODES = ["conv1", "blocks.1", "blocks.2", "blocks.4", "blocks.6", "blocks.1.1.add", "conv2", "flatten"]

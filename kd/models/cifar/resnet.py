@@ -11,7 +11,7 @@ Layers, widths and parameter counts match the CRD code (HobbitLong/RepDistiller
 the parameter names, so the reference teacher checkpoints load with ``load_state_dict``. Two
 differences that change no number: the pooling is adaptive (the reference's ``AvgPool2d(8)`` is
 the same on 32x32 inputs), and the forward returns logits only; intermediate features are read by
-FX node name (see ``kd.features``):
+FX node name (see ``kd.models.features``):
 
 - stage outputs (post-ReLU): ``layer1``, ``layer2``, ``layer3``;
 - their pre-ReLU residual sums: ``layer{1,2,3}.{n-1}.add``;

@@ -9,7 +9,7 @@ Layers, widths and parameter counts match the CRD code (HobbitLong/RepDistiller 
 also mdistiller ``mdistiller/models/cifar/wrn.py``) exactly, with dropout 0, and so do the parameter
 names, so the reference teacher checkpoints load with ``load_state_dict``. The pooling is adaptive
 (the reference's ``avg_pool2d(8)`` is the same on 32x32 inputs) and the forward returns logits only;
-features are read by FX node name (see ``kd.features``). The blocks are pre-activation, so a stage's
+features are read by FX node name (see ``kd.models.features``). The blocks are pre-activation, so a stage's
 output is a raw residual sum and its BN-ReLU lives in the next stage's first block:
 
 - stage outputs (raw sums, what the reference returns as features): ``block1``, ``block2``,

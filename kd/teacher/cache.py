@@ -13,7 +13,7 @@ every tensor of its state_dict, the feature nodes, the stored data (every byte o
 split's images and labels), how inputs are made from them (normalisation, the views), the
 storage dtype and the format. A cache built for one teacher, dataset or transform therefore
 lives in another directory and is never read for another. Entries are written to a temporary
-directory and renamed into place under a file lock (like the teacher store, ``kd.teacher``); on
+directory and renamed into place under a file lock (like the teacher store, ``kd.teacher.source``); on
 opening, a complete entry is checked against its key, its array shapes and a few outputs the
 teacher recomputes, and a mismatch is refused with what to delete.
 
@@ -50,7 +50,7 @@ from filelock import FileLock
 from torch import Tensor
 
 from kd.errors import ConfigError, check_int
-from kd.features import FeatureExtractor
+from kd.models.features import FeatureExtractor
 from kd.outputs import ModelOutput
 
 log = logging.getLogger(__name__)

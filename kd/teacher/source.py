@@ -23,7 +23,6 @@ reader never sees half of one and two runs never train the same teacher at once.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import hashlib
 import json
@@ -45,13 +44,13 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 import kd
-from kd.checkpoints import pickle_refusal, state_dict_mismatch
 from kd.errors import ConfigError, instantiate_checked
-from kd.fit import build_optimization, evaluate, fit
 from kd.models.build import build_model, count_parameters, model_node
 from kd.models.pretrained import pretrained_source
-from kd.module import DistillationModule
+from kd.models.weights import load_weights
 from kd.results import write_json_atomic
+from kd.training.fit import build_optimization, evaluate, fit
+from kd.training.module import DistillationModule
 
 log = logging.getLogger(__name__)
 
@@ -143,60 +142,6 @@ def store_key(tcfg: DictConfig) -> tuple[str, dict[str, Any]]:
     digest = hashlib.sha256(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()
     name = str(keyed["model"].get("_target_", "model")).rsplit(".", 1)[-1].lower()
     return f"{name}-{digest[:12]}", keyed
-
-
-def load_weights(net: nn.Module, path: Path, key: str = "teacher.ckpt", allow_pickle: bool = False) -> None:
-    """Loads a checkpoint into ``net``, in any of the formats teachers are shared in.
-
-    Accepted: a plain state_dict; a Lightning checkpoint of a kd run (the weights under
-    ``"state_dict"``; the student's are taken: a kd run's student, or a teacher run, whose
-    student is the teacher); a RepDistiller or mdistiller checkpoint (the weights under
-    ``"model"``, next to ``"epoch"``, ``"optimizer"``, ``"best_acc"``...); and any of these saved
-    from ``DataParallel`` / DDP, whose keys start with ``module.``. Loading uses
-    ``weights_only=True``: no pickled code runs.
-
-    Args:
-        net: The model to load into, in place.
-        path: The checkpoint file.
-        key: The config key to blame in errors.
-        allow_pickle: Load a file that needs pickle (it can run code): ``checkpoint.allow_pickle``.
-
-    Raises:
-        ConfigError: If the file is missing, unreadable, or of another architecture.
-    """
-    if not path.is_file():
-        raise ConfigError(
-            key, f"file not found: {path} (give an existing checkpoint, or set {key}=null "
-            "to reuse or train a teacher from the store)"
-        )
-    try:
-        # RepDistiller's *_last.pth and timm's or torchvision's training checkpoints hold their
-        # argparse options next to the weights: allowed, as plain data, and nothing else
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            state = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
-    except Exception as e:
-        refused = pickle_refusal(e, path, key)
-        if refused is not None:
-            raise refused from e
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise ConfigError(key, f"cannot read {path} as a PyTorch checkpoint ({type(e).__name__}: {first})") from e
-    for wrapper in ("state_dict", "model"):  # Lightning; RepDistiller and mdistiller
-        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
-            state = state[wrapper]
-            break
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ConfigError(key, f"{path} holds no state_dict of tensors")
-    if state and all(k.startswith("module.") for k in state):  # saved from DataParallel / DDP
-        state = {k[len("module."):]: v for k, v in state.items()}
-    if any(k.startswith("student.") for k in state):
-        state = {k[len("student."):]: v for k, v in state.items() if k.startswith("student.")}
-    details = state_dict_mismatch(state, net.state_dict(), saved_as="in the file", own_as="in the model")
-    if details:
-        raise ConfigError(
-            key, f"{path} does not fit model.teacher ({type(net).__name__}): {details}; "
-            "pick the model/teacher config it was trained with"
-        )
-    net.load_state_dict(state)
 
 
 def multi_process_launch() -> bool:

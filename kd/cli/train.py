@@ -1,4 +1,4 @@
-"""``kd-train``: the Hydra command line of kd. ``python -m kd.train`` is the same.
+"""``kd-train``: the Hydra command line of kd. ``python -m kd.cli.train`` is the same.
 
 Examples:
     kd-train                                       # the default experiment (digits, Hinton KD)
@@ -16,19 +16,11 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from kd.cli import config_dir
 from kd.errors import ConfigError, Diverged
-from kd.loggers import abort_wandb_run
 from kd.results import FAILURE_FILE, RESULTS_FILE, failed_run_error, write_failure
-from kd.run import check_launch, run, task_overrides
-
-
-def config_dir() -> str:
-    """``conf/`` of the source tree, or the copy packaged inside ``kd`` when installed as a wheel."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here.parent / "conf", here / "conf"):
-        if (candidate / "train.yaml").is_file():
-            return str(candidate)
-    raise FileNotFoundError(f"kd's conf/ directory is missing next to {here}")
+from kd.training.loggers import abort_wandb_run
+from kd.training.run import check_launch, run, task_overrides
 
 
 def _in_multirun() -> bool:
@@ -80,7 +72,7 @@ def main(cfg: DictConfig) -> float | None:
 
 def cli() -> None:
     """The ``kd-train`` command: ``main`` with one-line errors for configs Hydra cannot compose."""
-    from kd.compose_errors import run_app
+    from kd.cli.compose_errors import run_app
 
     run_app(main, "kd-train")
 

@@ -12,11 +12,11 @@ from torch.optim import Optimizer
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from kd.cache import TeacherCache
 from kd.errors import ConfigError, Diverged
-from kd.features import FeatureExtractor
 from kd.losses.base import DistillationLoss
+from kd.models.features import FeatureExtractor
 from kd.outputs import Batch, ModelOutput
+from kd.teacher.cache import TeacherCache
 
 OptimizerFactory = Callable[..., Optimizer]
 SchedulerFactory = Callable[[Optimizer], Any]
@@ -47,9 +47,9 @@ class DistillationModule(L.LightningModule):
         scheduler: ``partial`` of an LR scheduler class, called with the optimizer, or None.
         scheduler_interval: ``"epoch"`` or ``"step"``: when the scheduler steps.
         student_features: Extractor of the features ``criterion`` reads from the student (built
-            by ``kd.method.prepare_method``); None for logits only.
+            by ``kd.training.method.prepare_method``); None for logits only.
         teacher_features: The same for the teacher.
-        teacher_cache: The teacher's stored outputs on every training view (``kd.cache``): read
+        teacher_cache: The teacher's stored outputs on every training view (``kd.teacher.cache``): read
             instead of running the teacher; batches must carry ``index`` and ``view``.
         channels_last: Keep conv weights and image batches in channels-last memory layout.
         compile: ``torch.compile`` the student's and the teacher's forward (their feature
@@ -228,7 +228,7 @@ class DistillationModule(L.LightningModule):
     def on_train_epoch_end(self) -> None:
         optimizer = self.optimizers()
         self.log("train/lr", optimizer.param_groups[0]["lr"])  # type: ignore[union-attr]
-        # how far training got, read back by kd.fit when ddp_spawn/ddp_fork trained in worker processes
+        # how far training got, read back by kd.training.fit when ddp_spawn/ddp_fork trained in worker processes
         self.log("train/epochs", float(self.current_epoch + 1), logger=False, sync_dist=True)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -243,7 +243,7 @@ class DistillationModule(L.LightningModule):
         Raises:
             ConfigError: If the checkpoint holds learned parts of the method (regressors, memory
                 banks) that this module's criterion does not have: they are built by
-                ``kd.method.prepare_method``, which must run before a checkpoint is loaded.
+                ``kd.training.method.prepare_method``, which must run before a checkpoint is loaded.
         """
         own = {f"criterion.{k}" for k in self.criterion.state_dict()}
         extra = sorted(k for k in checkpoint["state_dict"] if k.startswith("criterion.") and k not in own)
@@ -251,7 +251,7 @@ class DistillationModule(L.LightningModule):
             raise ConfigError(
                 "checkpoint", f"holds {len(extra)} entries of the method's learned parts (e.g. {extra[0]}) "
                 f"that {type(self.criterion).__name__} does not have yet; build them with "
-                "kd.method.prepare_method(criterion, student, teacher, datamodule) before loading"
+                "kd.training.method.prepare_method(criterion, student, teacher, datamodule) before loading"
             )
         if self.teacher is not None:
             state = checkpoint["state_dict"]

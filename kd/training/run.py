@@ -16,19 +16,20 @@ from lightning.pytorch.callbacks import EarlyStopping
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 import kd
-from kd.cache import TeacherCache, open_cache
-from kd.checkpoints import SafeCheckpointIO, StepSeeds, find_resume, load_checkpoint
 from kd.compress.base import Compression, compressions
 from kd.compress.deploy import deploy_and_report
 from kd.compress.report import format_report
 from kd.errors import ConfigError, Diverged, check_int, instantiate_checked
-from kd.features import FeatureExtractor
-from kd.fit import build_optimization, fit
-from kd.loggers import finish_loggers, start_loggers
-from kd.method import prepare_method
 from kd.models.build import build_model, count_parameters
+from kd.models.features import FeatureExtractor
+from kd.models.weights import load_checkpoint
 from kd.results import RESULTS_FILE, STUDENT_WEIGHTS, failed_run_error, git_info, save_atomic, summary_table, write_json_atomic
-from kd.teacher import multi_process_launch, resolve_teacher
+from kd.teacher.cache import TeacherCache, open_cache
+from kd.teacher.source import multi_process_launch, resolve_teacher
+from kd.training.checkpoints import SafeCheckpointIO, StepSeeds, find_resume
+from kd.training.fit import build_optimization, fit
+from kd.training.loggers import finish_loggers, start_loggers
+from kd.training.method import prepare_method
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +183,7 @@ def teacher_cache(cfg: DictConfig, teacher_fx: FeatureExtractor | None, datamodu
     multi-process launch a missing cache is refused, as a missing teacher is.
 
     Raises:
-        ConfigError: See ``kd.cache.open_cache``.
+        ConfigError: See ``kd.teacher.cache.open_cache``.
     """
     assert teacher_fx is not None
     node = cfg.teacher_cache
@@ -222,7 +223,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     Every input is checked before anything trains: the data and method hyperparameters, the
     models against the data, the teacher checkpoint. A teacher that is needed but neither given
-    nor stored is trained first (see ``kd.teacher``).
+    nor stored is trained first (see ``kd.teacher.source``).
 
     Args:
         cfg: A config composed from ``conf/train.yaml``.

@@ -5,7 +5,7 @@
 - ``heatmap``: mean metric of each method (rows) and student (columns; ``teacher->student``
   when the runs have several teachers), each cell annotated with its value.
 
-Both use the same runs, keys and metric as the table (``kd.runs``): completed runs only, the
+Both use the same runs, keys and metric as the table (``kd.sweeps.runs``): completed runs only, the
 selected best-validation checkpoint unless ``final``.
 """
 
@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from kd.results import _write_atomic
-from kd.runs import Run, TableError, key_value, metric_value
+from kd.sweeps.runs import Run, TableError, key_value, metric_value
 
 SIZE = (6.4, 4.8)  # inches
 DPI = 100  # so every PNG is 640 x 480 pixels

@@ -18,11 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import pickle
 import random
-import re
-import zipfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,81 +27,10 @@ import numpy as np
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from kd.errors import ConfigError
+from kd.models.weights import CorruptCheckpoint, load_checkpoint
 from kd.results import _write_atomic
 
 log = logging.getLogger(__name__)
-
-PICKLE_RISK = ("loading it runs arbitrary code from the file (pickle); if you trust its source, "
-               "set checkpoint.allow_pickle=true")
-
-
-class CorruptCheckpoint(ConfigError):
-    """A checkpoint file that cannot be read: truncated, corrupt or not a checkpoint."""
-
-
-def load_checkpoint(path: str | Path, *, allow_pickle: bool = False, key: str = "resume",
-                    map_location: Any = "cpu", mmap: bool = False) -> dict[str, Any]:
-    """``torch.load`` of a checkpoint, ``weights_only`` unless ``allow_pickle``, with one-line errors.
-
-    Raises:
-        ConfigError: If ``path`` is missing, or holds objects that need pickle and ``allow_pickle``
-            is off.
-        CorruptCheckpoint: If the file is truncated, corrupt or not a torch file.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(key, f"no checkpoint file at {path}")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=not allow_pickle, mmap=mmap)
-    except pickle.UnpicklingError as e:
-        refused = pickle_refusal(e, path, key)
-        if refused is not None and not allow_pickle:
-            raise refused from e
-        raise CorruptCheckpoint(key, f"{path} is corrupt ({type(e).__name__}: {_first_line(e)})") from e
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        raise CorruptCheckpoint(key, f"{path} is truncated or corrupt ({type(e).__name__}: {_first_line(e)}); "
-                                "delete it or give another checkpoint") from e
-    if not isinstance(state, dict):
-        raise CorruptCheckpoint(key, f"{path} is not a checkpoint (it holds a {type(state).__name__})")
-    return state
-
-
-def pickle_refusal(e: BaseException, path: str | Path, key: str) -> ConfigError | None:
-    """The error to raise when ``torch.load(weights_only=True)`` refused ``path`` for needing pickle, else None."""
-    if not isinstance(e, pickle.UnpicklingError) or "weights only load failed" not in str(e).lower():
-        return None
-    found = re.search(r"GLOBAL (\S+)", str(e))
-    what = f"a pickled {found.group(1)}" if found else "pickled objects"
-    return ConfigError(key, f"{path} holds more than weights ({what}); {PICKLE_RISK}")
-
-
-def listed(keys: list[str], shown: int = 5) -> str:
-    """The first keys of a list, and how many more there are."""
-    more = f", +{len(keys) - shown} more" if len(keys) > shown else ""
-    return ", ".join(keys[:shown]) + more
-
-
-def state_dict_mismatch(saved: dict[str, Any], own: dict[str, Any], *, saved_as: str, own_as: str,
-                        keys: Callable[[list[str]], str] = listed) -> str:
-    """Why ``saved`` does not load into a module whose state_dict is ``own``, '' when it does.
-
-    The first tensor of another shape (``saved_as`` / ``own_as`` say where each shape is from), then
-    the missing and unexpected keys, each list written by ``keys``.
-    """
-    wrong = [f"{k} {tuple(saved[k].shape)} {saved_as} vs {tuple(v.shape)} {own_as}"
-             for k, v in own.items() if k in saved and tuple(saved[k].shape) != tuple(v.shape)]
-    missing, unexpected = sorted(set(own) - set(saved)), sorted(set(saved) - set(own))
-    parts = (f"size mismatch for {wrong[0]}" if wrong else "",
-             f"{len(missing)} missing keys ({keys(missing)})" if missing else "",
-             f"{len(unexpected)} unexpected keys ({keys(unexpected)})" if unexpected else "")
-    return "; ".join(p for p in parts if p)
-
-
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0][:200] if lines else ""
-
 
 class SafeCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint plugin with atomic saves and weights-only loads.

@@ -5,7 +5,7 @@ A job directory is one holding ``.hydra/overrides.yaml`` (Hydra writes it in eve
 ``"status": "failed"`` (a divergence) or ``failure.json`` (written by ``kd-train`` when the job
 raised) -> failed; neither -> incomplete
 (killed, or still running). A W&B run holds the whole ``results.json`` in its summary under
-``results`` (see ``kd.loggers.finish_loggers``); one without it is failed or incomplete by state.
+``results`` (see ``kd.training.loggers.finish_loggers``); one without it is failed or incomplete by state.
 
 A key names what a table's rows and columns are made of. It is resolved per run, in order: an
 override of the run's command line (``distill``, ``model/student``, ``distill.temperature``, as

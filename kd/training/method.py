@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from kd.errors import ConfigError
-from kd.features import FeatureExtractor
 from kd.losses.base import DistillationLoss
+from kd.models.features import FeatureExtractor
 from kd.outputs import DataInfo, ModelOutput
 
 

@@ -14,14 +14,14 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 from torch import nn
 
-from kd.cache import TeacherCache
-from kd.checkpoints import load_checkpoint, state_dict_mismatch
 from kd.compress.base import compressions
 from kd.errors import ConfigError, instantiate_checked
-from kd.features import FeatureExtractor
 from kd.losses.base import DistillationLoss
-from kd.module import DistillationModule
-from kd.stages import run_stages
+from kd.models.features import FeatureExtractor
+from kd.models.weights import load_checkpoint, state_dict_mismatch
+from kd.teacher.cache import TeacherCache
+from kd.training.module import DistillationModule
+from kd.training.stages import run_stages
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class FitResult:
         best_epoch: Epoch of that checkpoint, or None.
         epochs: Epochs trained.
         module: The trained module, holding the selected weights.
-        stages: What the method's preliminary stages did (``kd.stages.run_stages``).
+        stages: What the method's preliminary stages did (``kd.training.stages.run_stages``).
     """
 
     metrics: dict[str, float]
@@ -123,13 +123,13 @@ def fit(
         trainer: The Lightning trainer, with its callbacks and loggers.
         optimization: The optimizer and scheduler factories, from ``build_optimization``.
         features: The student's and teacher's feature extractors from
-            ``kd.method.prepare_method``; None when the method reads logits only.
+            ``kd.training.method.prepare_method``; None when the method reads logits only.
         make_stage_trainer: Builds the Trainer of a preliminary stage for a number of epochs;
             needed when the method has stages.
-        teacher_cache: The teacher's stored outputs (``kd.cache``), read instead of running it.
+        teacher_cache: The teacher's stored outputs (``kd.teacher.cache``), read instead of running it.
         channels_last: Channels-last memory layout for conv nets and image batches.
         compile: ``torch.compile`` the student's and teacher's forward.
-        resume: A checkpoint of this run to continue from (``kd.checkpoints``): weights,
+        resume: A checkpoint of this run to continue from (``kd.training.checkpoints``): weights,
             optimizer, scheduler, callbacks, random generators and the position in the epoch.
 
     Returns:

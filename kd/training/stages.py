@@ -19,8 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from kd.errors import ConfigError, check_int
-from kd.features import FeatureExtractor
 from kd.losses.base import Stage
+from kd.models.features import FeatureExtractor
 from kd.outputs import Batch
 
 log = logging.getLogger(__name__)

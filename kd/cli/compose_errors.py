@@ -16,6 +16,8 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from kd.errors import ConfigError
+
 SHOWN = 30  # choices listed at most
 
 
@@ -26,17 +28,21 @@ def _choices(name: str, options: Sequence[str]) -> str:
     return f"{hint}valid: {listed}"
 
 
-def composition_error(e: BaseException) -> str | None:
-    """The one-line message for a Hydra composition or override error, or None for another error."""
+def composition_error(e: BaseException) -> ConfigError | None:
+    """A Hydra composition or override error as a one-line ConfigError, or None for another error.
+
+    kd-train (``run_app``) and kd-eval (``kd.cli.eval.compose_eval``) both report through it.
+    """
     from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
     if isinstance(e, MissingConfigException) and e.missing_cfg_file and e.options is not None:
         group, _, option = str(e.missing_cfg_file).rpartition("/")
         if group:
-            return f"{group}={option}: no such option in conf/{group}/; {_choices(option, sorted(e.options))}"
+            return ConfigError(f"{group}={option}", f"no such option in conf/{group}/; {_choices(option, sorted(e.options))}")
     if isinstance(e, OverrideParseException):
-        return f"cannot parse an override: {str(e).strip().splitlines()[0]} (override syntax: key=value, group=option, +new.key=value)"
+        return ConfigError("cannot parse an override", f"{str(e).strip().splitlines()[0]} (override syntax: key=value, "
+                           "group=option, +new.key=value)")
     if isinstance(e, ConfigCompositionException):
         cause = e.__cause__
         if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and getattr(cause, "full_key", None):
@@ -47,10 +53,10 @@ def composition_error(e: BaseException) -> str | None:
             where = f"in {parent}" if parent else "at the top level"
             target = node.get("_target_") if keys and "_target_" in keys else None
             where += f" ({str(target).rsplit('.', 1)[-1]})" if target else ""
-            return (f"{full_key}: no such key {where}; {_choices(key, keys)} "
-                    f"(a key the config lacks is added with +{full_key}=...)")
+            return ConfigError(full_key, f"no such key {where}; {_choices(key, keys)} "
+                               f"(a key the config lacks is added with +{full_key}=...)")
         lines = str(e).strip().splitlines()
-        return lines[0] if lines else type(e).__name__
+        return ConfigError("config", lines[0] if lines else type(e).__name__)
     return None
 
 

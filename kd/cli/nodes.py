@@ -18,10 +18,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from kd.cli import config_dir
 from kd.errors import ConfigError, instantiate_checked
-from kd.features import FeatureExtractor, available_nodes
 from kd.models.build import NODES_KEY, build_model
-from kd.train import config_dir
+from kd.models.features import FeatureExtractor, available_nodes
 
 
 def node_table(model: nn.Module, input_shape: tuple[int, ...], taps: dict[str, Any] | None = None) -> list[str]:
@@ -66,7 +66,7 @@ def main(cfg: DictConfig) -> None:
 
 def cli() -> None:
     """The ``kd-nodes`` command: ``main`` with one-line errors for configs Hydra cannot compose."""
-    from kd.compose_errors import run_app
+    from kd.cli.compose_errors import run_app
 
     run_app(main, "kd-nodes")
 

@@ -1,7 +1,7 @@
 """The tables of ``kd-table`` as text: Markdown, LaTeX (booktabs) and CSV.
 
 ``Table`` holds the cells (each the runs' values of one row and column label) that
-``kd.table.build_table`` groups; the formatters here only lay them out, in the table's units
+``kd.sweeps.table.build_table`` groups; the formatters here only lay them out, in the table's units
 (percent for accuracies), with the runs left out of the table listed below it.
 """
 
@@ -12,7 +12,7 @@ import io
 import statistics
 from dataclasses import dataclass, field
 
-from kd.runs import Run
+from kd.sweeps.runs import Run
 
 Label = tuple[str, ...]
 MISSING = "-"
