@@ -1,4 +1,10 @@
-"""``results.json``: what a run measured, with everything needed to rerun it; and its summary."""
+"""The record of a run and the state of its directory.
+
+``results.json`` holds what a run measured, with everything needed to rerun it (``RunRecord``,
+for completed and failed runs alike); ``run_dir_state`` decides what a run directory holds
+(new, completed, failed, incomplete, resumable), for ``run()``, the commands and ``kd-table``.
+Files are written atomically: a reader sees the old file or the new one, never half of one.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +12,15 @@ import json
 import os
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO
+
+from kd.errors import ConfigError
 
 RESULTS_FILE = "results.json"
 FAILURE_FILE = "failure.json"  # a run that raised: what failed, so a sweep's table can list it
@@ -47,53 +59,173 @@ def save_atomic(obj: Any, path: Path) -> None:
     _write_atomic(path, lambda f: torch.save(obj, f))
 
 
-def failed_run_error(path: Path) -> str:
-    """The error recorded in a ``results.json`` that marks a failed run (a divergence); '' otherwise."""
+@dataclass(frozen=True)
+class RunDirState:
+    """What a run directory holds. ``run_dir_state`` decides it; every command asks it.
+
+    Attributes:
+        path: The run directory.
+        status: ``"new"`` (nothing of a run yet), ``"completed"``, ``"failed"`` (a recorded
+            failure: a diverged run's ``results.json``, an unreadable one, or ``failure.json``
+            of a run that raised) or ``"incomplete"`` (started: killed, or still running).
+        results: The content of ``results.json`` when it is readable.
+        error: Why the run is not completed, when known.
+        overrides: The run's command-line overrides (from its record, else ``.hydra/overrides.yaml``).
+        checkpoints: Whether ``checkpoints/`` holds any checkpoint.
+    """
+
+    path: Path
+    status: str
+    results: dict[str, Any] | None = None
+    error: str | None = None
+    overrides: list[str] = field(default_factory=list)
+    checkpoints: bool = False
+
+    @property
+    def finished(self) -> bool:
+        """``results.json`` is written: the directory belongs to that run and is never reused."""
+        return (self.path / RESULTS_FILE).is_file()
+
+    @property
+    def resumable(self) -> bool:
+        """Not finished, and it has checkpoints to continue from."""
+        return self.checkpoints and not self.finished
+
+    def refusal(self, key: str) -> ConfigError | None:
+        """Why a new run may not use this directory (None when it may), as a one-line error on ``key``."""
+        if not self.finished:
+            return None
+        if self.results is not None and self.results.get("status") == "failed":
+            return ConfigError(key, f"{self.path} holds a run that failed ({self.error}); resuming it would fail "
+                               "again: fix the cause and give the run a new directory (hydra.run.dir=...)")
+        return ConfigError(key, f"{self.path} already holds the {RESULTS_FILE} of another run; give the run a new "
+                           "directory (hydra.run.dir=...)")
+
+
+def _read_json(path: Path) -> tuple[dict[str, Any] | None, str]:
+    """A JSON object from ``path``, or None and why not."""
     try:
-        results = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return ""
-    if not isinstance(results, dict) or results.get("status") != "failed":
-        return ""
-    return str(results.get("error") or "failed")
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        return None, (str(e).splitlines()[0] if str(e) else type(e).__name__)
+    if not isinstance(data, dict):
+        return None, f"holds a {type(data).__name__}, not an object"
+    return data, ""
 
 
-def write_failure(run_dir: Path, error: BaseException, *, overrides: list[str]) -> Path | None:
-    """Records a failed run as ``failure.json`` in ``run_dir``; never over a finished run's results.
+def _hydra_overrides(run_dir: Path) -> list[str]:
+    path = run_dir / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return []
+    import yaml
+
+    try:
+        saved = yaml.safe_load(path.read_text()) or []
+    except (OSError, yaml.YAMLError):  # a broken overrides file only loses the labels
+        return []
+    return [str(o) for o in saved] if isinstance(saved, list) else []
+
+
+def run_dir_state(run_dir: str | Path) -> RunDirState:
+    """The state of a run directory: the one place that decides it (see ``RunDirState``)."""
+    run_dir = Path(run_dir)
+    overrides = _hydra_overrides(run_dir)
+    checkpoints = any((run_dir / "checkpoints").glob("*.ckpt"))
+    state = partial(RunDirState, run_dir, overrides=overrides, checkpoints=checkpoints)
+    if (run_dir / RESULTS_FILE).is_file():
+        results, why = _read_json(run_dir / RESULTS_FILE)
+        if results is None:
+            return state("failed", error=f"unreadable {RESULTS_FILE}: {why}")
+        if results.get("status") == "completed":
+            return state("completed", results, overrides=list(results.get("overrides") or overrides))
+        error = str(results.get("error") or "") or (
+            "failed" if results.get("status") == "failed" else f"{RESULTS_FILE} has status {results.get('status')!r}")
+        return state("failed", results, error)
+    if (run_dir / FAILURE_FILE).is_file():
+        failure, _ = _read_json(run_dir / FAILURE_FILE)
+        if failure is None:
+            return state("failed", error=f"unreadable {FAILURE_FILE}")
+        return state("failed", error=failure.get("error"), overrides=list(failure.get("overrides") or overrides))
+    if overrides or checkpoints or (run_dir / ".hydra").is_dir():
+        return state("incomplete", error=f"no {RESULTS_FILE} nor {FAILURE_FILE} (killed or still running)")
+    return state("new")
+
+
+def task_overrides() -> list[str]:
+    """The command-line overrides of this run (empty when not started by Hydra)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:
+        return []
+
+
+@dataclass
+class RunRecord:
+    """The record of one run, completed or failed: ``results.json`` (and ``failure.json``).
+
+    Every record starts with the same header (version, commit, status, times, directory,
+    overrides, method, seed). ``write`` is the one place ``results.json`` is written.
 
     Args:
         run_dir: The run's directory (``paths.output_dir``).
-        error: What the run raised.
-        overrides: The run's command-line overrides.
-
-    Returns:
-        The file written, or None when ``run_dir`` holds a ``results.json`` (the error then is
-        about that directory, which belongs to another run) or cannot be written.
+        overrides: Its command-line overrides.
+        method: The distillation method's class name, once built.
+        seed: The run's seed, once known.
     """
-    import traceback
-    from datetime import datetime, timezone
 
-    import kd
+    run_dir: Path
+    overrides: list[str]
+    method: str | None = None
+    seed: int | None = None
+    started_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    _start: float = field(default_factory=time.time, repr=False)
 
-    run_dir = Path(run_dir)
-    if (run_dir / RESULTS_FILE).exists():
-        return None
-    lines = str(error).strip().splitlines()
-    record = {
-        "status": "failed",
-        "error": f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": "),
-        "overrides": list(overrides),
-        "run_dir": str(run_dir),
-        "failed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "kd_version": kd.__version__,
-        "git": git_info(),
-        "traceback": "".join(traceback.format_exception(type(error), error, error.__traceback__)),
-    }
-    try:
-        write_json_atomic(run_dir / FAILURE_FILE, record)
-    except OSError:
-        return None
-    return run_dir / FAILURE_FILE
+    def header(self, status: str) -> dict[str, Any]:
+        import kd
+
+        return {
+            "kd_version": kd.__version__, "git": git_info(), "status": status, "started_at": self.started_at,
+            "wall_time_s": round(time.time() - self._start, 2), "run_dir": str(self.run_dir),
+            "overrides": list(self.overrides), "method": self.method, "seed": self.seed,
+        }
+
+    def write(self, status: str, **fields: Any) -> dict[str, Any]:
+        """Writes ``results.json`` atomically: the header, then ``fields``. Returns what was written."""
+        record = {**self.header(status), **fields}
+        write_json_atomic(Path(self.run_dir) / RESULTS_FILE, record)
+        return record
+
+    def write_failure(self, error: BaseException) -> Path | None:
+        """Records a run that raised as ``failure.json``; never beside a ``results.json``.
+
+        Returns:
+            The file written, or None when the directory holds a ``results.json`` (the error
+            then is about that directory, which belongs to another run, or the run recorded its
+            own failure there) or cannot be written.
+        """
+        import traceback
+
+        run_dir = Path(self.run_dir)
+        if (run_dir / RESULTS_FILE).exists():
+            return None
+        lines = str(error).strip().splitlines()
+        record = {
+            **self.header("failed"),
+            "error": f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": "),
+            "failed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "traceback": "".join(traceback.format_exception(type(error), error, error.__traceback__)),
+        }
+        try:
+            write_json_atomic(run_dir / FAILURE_FILE, record)
+        except OSError:
+            return None
+        return run_dir / FAILURE_FILE
+
+    def clear_failure(self) -> None:
+        """Removes the ``failure.json`` of an earlier attempt in this directory."""
+        (Path(self.run_dir) / FAILURE_FILE).unlink(missing_ok=True)
 
 
 def git_info() -> dict[str, Any]:

@@ -89,7 +89,7 @@ def test_a_finished_run_directory_is_left_untouched(cli, capsys, tmp_path: Path)
     assert cli("debug=fdr", "distill=none", f"hydra.run.dir={run_dir}") == 0
     before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
     code = cli("debug=fdr", "distill=none", "seed=7", f"hydra.run.dir={run_dir}")
-    assert code == 2 and "already holds the results of another run" in capsys.readouterr().err
+    assert code == 2 and "already holds the results.json of another run" in capsys.readouterr().err
     after = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
     assert after == before  # .hydra/config.yaml included
 

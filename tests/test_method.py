@@ -224,7 +224,7 @@ def test_loading_a_checkpoint_before_the_method_is_prepared_fails_clearly(tmp_pa
 
 
 def test_stages_under_ddp_allow_unused_parameters(make_cfg) -> None:
-    from kd.training.run import stage_strategy
+    from kd.training.prepare import stage_strategy
 
     assert stage_strategy(make_cfg("trainer=ddp", fast=False)) == {"strategy": "ddp_find_unused_parameters_true"}
     assert stage_strategy(make_cfg("trainer=cpu", fast=False)) == {}

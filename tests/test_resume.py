@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 
 from kd.models.weights import CorruptCheckpoint
 from kd.results import RESULTS_FILE, STUDENT_WEIGHTS
-from kd.training.run import resume_checkpoint
+from kd.training.prepare import resume_checkpoint
 
 EVERY = 4  # checkpoint.every_n_train_steps
 EPOCHS = 3

@@ -23,8 +23,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from kd.cli.slurm import check_slurm_launch, device_count
+from kd.cli.train import check_launch
 from kd.errors import ConfigError
-from kd.training.run import check_launch
 from tests.conftest import CONF
 
 SLURM_LAUNCHER = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"

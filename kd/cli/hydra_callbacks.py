@@ -6,11 +6,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, read_write
 
-from kd.results import RESULTS_FILE, failed_run_error
+from kd.results import RESULTS_FILE, run_dir_state
 
 
 class RefuseUsedRunDir(Callback):
@@ -30,21 +29,13 @@ class RefuseUsedRunDir(Callback):
         sweep = Path(config.hydra.sweep.dir)
         found = next(sweep.rglob(RESULTS_FILE), None) if sweep.is_dir() else None
         if found is not None:
-            self._refuse(sweep, "hydra.sweep.dir", found=found)
+            self._refuse(found.parent, "hydra.sweep.dir")
 
     @staticmethod
-    def _refuse(run_dir: Path, key: str, found: Path | None = None) -> None:
-        found = found or run_dir / RESULTS_FILE
-        failed = failed_run_error(found) if found.is_file() else ""
-        if failed:
-            print(f"kd-train: error: {key}: {run_dir} holds a run that failed ({failed}); resuming it would fail "
-                  "again: fix the cause and give the run a new directory", file=sys.stderr, flush=True)
-            sys.exit(2)
-        if found.is_file():
-            print(
-                f"kd-train: error: {key}: {run_dir} already holds the results of another run "
-                f"({found}); give this run a new directory", file=sys.stderr, flush=True,
-            )
+    def _refuse(run_dir: Path, key: str) -> None:
+        refused = run_dir_state(run_dir).refusal(key)
+        if refused is not None:
+            print(f"kd-train: error: {refused}", file=sys.stderr, flush=True)
             sys.exit(2)
 
 
@@ -53,20 +44,14 @@ def _without_resume(overrides: list[str]) -> list[str]:
 
 
 def find_unfinished_run(runs: Path, overrides: list[str]) -> Path | None:
-    """The newest run directory under ``runs`` started with ``overrides`` (``resume=`` aside) that
-    has checkpoints and no ``results.json``."""
+    """The newest resumable run directory under ``runs`` (checkpoints, no ``results.json``)
+    started with ``overrides`` (``resume=`` aside)."""
     want = _without_resume(overrides)
     found = []
     for saved in runs.glob("*/*/.hydra/overrides.yaml") if runs.is_dir() else []:
-        run_dir = saved.parent.parent
-        if (run_dir / RESULTS_FILE).exists() or not any((run_dir / "checkpoints").glob("*.ckpt")):
-            continue
-        try:
-            saved_overrides = yaml.safe_load(saved.read_text()) or []
-        except (OSError, yaml.YAMLError):
-            continue
-        if isinstance(saved_overrides, list) and _without_resume([str(o) for o in saved_overrides]) == want:
-            found.append(run_dir)
+        state = run_dir_state(saved.parent.parent)
+        if state.resumable and _without_resume(state.overrides) == want:
+            found.append(state.path)
     return max(found, key=lambda d: d.stat().st_mtime) if found else None
 
 

@@ -2,11 +2,14 @@
 
 A compression callback is a Lightning ``Callback`` that changes the student while it trains,
 with the teacher distilling into it throughout. Besides Lightning's hooks it has four parts that
-``kd.training.run`` calls, in this order:
+a run calls, in this order:
 
-1. ``check(...)``: right after the config is composed, before any teacher or student trains;
-   every bad value (a sparsity of 1.2, a start epoch beyond ``max_epochs``, a student whose layers
-   the method cannot handle) is a one-line ``ConfigError`` here.
+1. ``preflight(trainer, student, ...)``: right after the trainer is built, before any teacher or
+   student trains. The base class refuses what no compression can run with (no epochs, several
+   devices, early stopping, a callback that replaces parameters beside another one), then calls
+   the subclass's ``check``: every bad value (a sparsity of 1.2, a start epoch beyond
+   ``max_epochs``, a student whose layers the method cannot handle) is a one-line
+   ``ConfigError`` there. ``check_resume`` refuses a checkpoint the callback cannot continue from.
 2. Lightning's hooks during ``trainer.fit``. The callback snapshots the dense student just before
    it first changes it (``take_dense_snapshot``), for the compression report.
 3. Checkpoint selection: from ``final_epoch`` on, the student has its final form (target
@@ -28,6 +31,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from torch import nn
+
+from kd.errors import ConfigError
 
 
 class Compression(L.Callback):
@@ -62,12 +67,62 @@ class Compression(L.Callback):
         self._dense_taken_at = 0.0
         self._pending_dense: dict[str, Any] | None = None
 
-    # --- what run() calls -------------------------------------------------------------------
+    # --- what a run calls -------------------------------------------------------------------
+
+    def preflight(
+        self, trainer: L.Trainer, student: nn.Module, *, reads_features: bool, input_shape: tuple[int, ...]
+    ) -> None:
+        """Refuses, before anything trains, a trainer or student this callback cannot work with.
+
+        Args:
+            trainer: The run's trainer, holding this callback among its callbacks.
+            student: The student as built from its config (not yet trained).
+            reads_features: Whether the distillation method reads intermediate features of the
+                student (FitNet, CRD, ...), not only its logits.
+            input_shape: Shape of one input ``(C, H, W)``.
+
+        Raises:
+            ConfigError: Without epochs to schedule by, on several devices, beside early stopping
+                (which could end training before the student has its final form), beside another
+                compression when one of them replaces the student's parameters; then whatever
+                ``check`` refuses.
+        """
+        name = self.key or type(self).__name__
+        max_epochs = trainer.max_epochs
+        if max_epochs is None or max_epochs < 1:
+            raise ConfigError("trainer.max_epochs", f"is {max_epochs}; {name} schedules by epoch: set it to >= 1")
+        if trainer.world_size > 1:
+            raise ConfigError("trainer.devices", f"{name} runs on one device (got {trainer.world_size} processes): "
+                              "set trainer.devices=1")
+        if any(isinstance(cb, EarlyStopping) for cb in trainer.callbacks):  # type: ignore[attr-defined]
+            raise ConfigError("callbacks", f"early stopping could end training before {name} finishes; drop it "
+                              "(callbacks=[default,...]): checkpoints are selected on val among compressed epochs")
+        others = [c for c in compressions(trainer.callbacks) if c is not self]  # type: ignore[attr-defined]
+        replacing = [c for c in (self, *others) if c.changes_parameters]
+        if others and replacing:
+            other = next(c for c in (self, *others) if c is not replacing[0])
+            raise ConfigError(
+                other.key or type(other).__name__, f"cannot run with {replacing[0].key or type(replacing[0]).__name__}, "
+                "which replaces the student's parameters; structured pruning combines with nothing else yet (run it alone)"
+            )
+        self.check(student, max_epochs=int(max_epochs), reads_features=reads_features, input_shape=input_shape)
+
+    def check_resume(self, path: str, epoch: int) -> None:
+        """Refuses to resume from a checkpoint written in ``epoch`` after the student's structure changed.
+
+        Raises:
+            ConfigError: On ``resume``, for a callback that replaces the student's modules or
+                tensors (``changes_structure``) when ``epoch >= start_epoch``.
+        """
+        if self.changes_structure and epoch >= self.start_epoch:
+            raise ConfigError("resume", f"{path} was written in epoch {epoch}, after {self.key or type(self).__name__} "
+                              f"changed the student's structure (from epoch {self.start_epoch}); kd cannot resume such "
+                              "a run yet: start it again (resume=null), or resume from a checkpoint of an earlier epoch")
 
     def check(
         self, student: nn.Module, *, max_epochs: int, reads_features: bool, input_shape: tuple[int, ...]
     ) -> None:
-        """Refuses, before anything trains, what this callback cannot do.
+        """Refuses, before anything trains, what this callback cannot do (a subclass's own checks).
 
         Args:
             student: The student as built from its config (not yet trained).

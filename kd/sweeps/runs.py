@@ -16,14 +16,13 @@ Aliases: ``method`` (``distill``), ``student`` (``model/student``), ``teacher``
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kd.results import FAILURE_FILE, RESULTS_FILE
+from kd.results import RESULTS_FILE, run_dir_state
 
 ALIASES = {
     "method": "distill",
@@ -132,40 +131,12 @@ def _natural(path: Path) -> list[Any]:
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", str(path))]
 
 
-def _read_overrides(job: Path) -> list[str]:
-    path = job / ".hydra" / "overrides.yaml"
-    if not path.is_file():
-        return []
-    from omegaconf import OmegaConf
-
-    try:
-        return [str(o) for o in OmegaConf.load(path) or []]
-    except Exception:  # noqa: BLE001 - a broken overrides file only loses the labels
-        return []
-
-
 def read_job(job: Path) -> Run:
-    """The run of one job directory (see the module docstring for its status)."""
-    overrides = _read_overrides(job)
-    results_path, failure_path = job / RESULTS_FILE, job / FAILURE_FILE
-    if results_path.is_file():
-        try:
-            results = json.loads(results_path.read_text())
-            if not isinstance(results, dict):
-                raise ValueError(f"holds a {type(results).__name__}, not an object")
-        except (OSError, ValueError) as e:
-            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            return Run(str(job), "failed", overrides, error=f"unreadable {RESULTS_FILE}: {reason}")
-        if results.get("status") == "completed":
-            return Run(str(job), "completed", list(results.get("overrides") or overrides), results)
-        return Run(str(job), "failed", overrides, error=results.get("error") or f"{RESULTS_FILE} has status {results.get('status')!r}")
-    if failure_path.is_file():
-        try:
-            failure = json.loads(failure_path.read_text())
-        except (OSError, ValueError):
-            return Run(str(job), "failed", overrides, error=f"unreadable {FAILURE_FILE}")
-        return Run(str(job), "failed", list(failure.get("overrides") or overrides), error=failure.get("error"))
-    return Run(str(job), "incomplete", overrides, error="no results.json nor failure.json (killed or still running)")
+    """The run of one job directory, in the state ``kd.results.run_dir_state`` gives it."""
+    state = run_dir_state(job)
+    status = "incomplete" if state.status == "new" else state.status
+    results = state.results if status == "completed" else None
+    return Run(str(job), status, state.overrides, results, error=state.error)
 
 
 def _is_job(path: Path) -> bool:

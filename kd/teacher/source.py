@@ -44,11 +44,14 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 import kd
+from kd.data.protocol import ViewData
 from kd.errors import ConfigError, instantiate_checked
 from kd.models.build import build_model, count_parameters, model_node
+from kd.models.features import FeatureExtractor
 from kd.models.pretrained import pretrained_source
 from kd.models.weights import load_weights
 from kd.results import write_json_atomic
+from kd.teacher.cache import TeacherCache, open_cache
 from kd.training.fit import build_optimization, evaluate, fit
 from kd.training.module import DistillationModule
 
@@ -88,6 +91,53 @@ class TeacherInfo:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass
+class Teacher:
+    """A frozen teacher, ready to distill from: its network, where it came from, its stored outputs.
+
+    Attributes:
+        net: The network, with its weights.
+        info: Where it came from and its metrics on this run's data.
+        cache: The cache of its outputs on the training split (``teacher_cache.enabled``), or None.
+    """
+
+    net: nn.Module
+    info: TeacherInfo
+    cache: TeacherCache | None = None
+
+
+def get_teacher(
+    cfg: DictConfig, datamodule: L.LightningDataModule, net: nn.Module, features: FeatureExtractor, device: torch.device
+) -> Teacher:
+    """Gives the run's teacher its weights (``resolve_teacher``) and opens the cache of its outputs.
+
+    The cache is built on ``device`` when it is a GPU, before training, by one process: inside a
+    multi-process launch a missing cache is refused, as a missing teacher is.
+
+    Args:
+        cfg: The run's config (``teacher``, ``teacher_cache``, ``model.teacher``).
+        datamodule: The run's data.
+        net: The teacher built from ``model.teacher`` (its weights are loaded in place).
+        features: Its feature extractor (``kd.training.method.prepare_method``): what the cache stores.
+        device: Where the run trains.
+
+    Raises:
+        ConfigError: See ``resolve_teacher`` and ``kd.teacher.cache.open_cache``.
+    """
+    net, info = resolve_teacher(cfg, datamodule, net=net)
+    node = cfg.teacher_cache
+    if not node.enabled:
+        return Teacher(net, info)
+    datamodule.setup("fit")
+    cache = open_cache(
+        features, datamodule.splits["train"] if isinstance(datamodule, ViewData) else None, node.dir,
+        dtype=node.dtype, top_k=node.top_k, batch_size=int(node.batch_size), num_workers=node.num_workers,
+        max_gb=float(node.max_gb), verify=int(node.verify), device=device if device.type == "cuda" else "cpu",
+        build=not multi_process_launch(), data_key="data",
+    )
+    return Teacher(net, info, cache)
 
 
 def teacher_run_config(cfg: DictConfig) -> DictConfig:

@@ -205,10 +205,7 @@ def check_resumable(module: DistillationModule, path: Path, trainer: L.Trainer) 
     state = load_checkpoint(path, allow_pickle=allow_pickle, mmap=True)
     epoch = int(state.get("epoch", -1))
     for cb in compressions(trainer.callbacks):  # type: ignore[attr-defined]
-        if cb.changes_structure and epoch >= cb.start_epoch:
-            raise ConfigError("resume", f"{path} was written in epoch {epoch}, after {cb.key or type(cb).__name__} changed "
-                              f"the student's structure (from epoch {cb.start_epoch}); kd cannot resume such a run yet: "
-                              "start it again (resume=null), or resume from a checkpoint of an earlier epoch")
+        cb.check_resume(str(path), epoch)
     saved = {k: v for k, v in state.get("state_dict", {}).items() if not k.startswith("teacher.")}
     own = {k: v for k, v in module.state_dict().items() if not k.startswith("teacher.")}
     details = state_dict_mismatch(saved, own, saved_as="in the checkpoint", own_as="here", keys=lambda ks: f"e.g. {ks[0]}")

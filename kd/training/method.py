@@ -11,6 +11,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from kd.data.protocol import provides_index
 from kd.errors import ConfigError
 from kd.losses.base import DistillationLoss
 from kd.models.features import FeatureExtractor
@@ -20,13 +21,14 @@ from kd.outputs import DataInfo, ModelOutput
 def data_info(datamodule: L.LightningDataModule, needs_index: bool, method: str = "the method") -> DataInfo:
     """What a method may know about the training split: its size and, when given, its labels.
 
-    A datamodule that yields ``batch["index"]`` sets ``provides_index = True`` and implements
-    ``train_targets()``: the labels of the training split in index order.
+    A datamodule that yields ``batch["index"]`` is ``kd.data.protocol.IndexedData``: it sets
+    ``provides_index = True`` and implements ``train_targets()``, the labels of the training
+    split in index order.
 
     Raises:
         ConfigError: If ``needs_index`` and the datamodule gives no sample indices.
     """
-    provides = bool(getattr(datamodule, "provides_index", False)) and hasattr(datamodule, "train_targets")
+    provides = provides_index(datamodule)
     if needs_index and not provides:
         raise ConfigError(
             "distill", f"{method} needs the index of every training sample (batch['index']) and "

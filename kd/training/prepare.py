@@ -1,0 +1,201 @@
+"""The first step of a run: build every part from the config and check it, before anything trains.
+
+``prepare(cfg)`` returns a ``Job``: the data, the method, the student and the networks the
+method learns from (today one teacher), their feature extractors, the optimizer and scheduler
+factories, the trainer with its callbacks and loggers, and the checkpoint to resume from. Each
+builder checks its own input (``ConfigError`` on the key at fault); the compression callbacks
+check themselves against the trainer and the student (``Compression.preflight``). A teacher
+that must be trained is not trained here: only its architecture is built, so a bad value
+anywhere fails in seconds, not after the teacher's hour.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from omegaconf import DictConfig, OmegaConf, open_dict
+from torch import nn
+
+from kd.compress.base import Compression, compressions
+from kd.data.protocol import DataModule, check_datamodule
+from kd.errors import ConfigError, check_int, instantiate_checked
+from kd.losses.base import DistillationLoss
+from kd.models.build import build_model
+from kd.models.features import FeatureExtractor
+from kd.models.weights import load_checkpoint
+from kd.results import run_dir_state
+from kd.teacher.source import multi_process_launch
+from kd.training.checkpoints import SafeCheckpointIO, StepSeeds, find_resume
+from kd.training.fit import build_optimization
+from kd.training.method import prepare_method
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Job:
+    """Everything one run needs, built and checked.
+
+    Attributes:
+        seed: The run's seed (drawn and written into the config when it was null).
+        datamodule: The data.
+        criterion: The distillation method.
+        student: The network to train.
+        teacher: The teacher's network, untrained until ``kd.teacher.source.get_teacher``
+            gives it weights; None for a method without a teacher.
+        features: The student's and the teacher's feature extractors.
+        optimization: The optimizer and scheduler factories.
+        loggers: Lightning loggers.
+        trainer: The student's trainer, with its callbacks, loggers and checkpoint plugin.
+        resume: The checkpoint to continue from, or None.
+        allow_pickle: Whether checkpoints may need pickle (``checkpoint.allow_pickle``).
+        resolved: The config, resolved: what ``results.json`` and the loggers record.
+    """
+
+    seed: int
+    datamodule: DataModule
+    criterion: DistillationLoss
+    student: nn.Module
+    teacher: nn.Module | None
+    features: tuple[FeatureExtractor, FeatureExtractor | None]
+    optimization: tuple[Callable[..., Any], Callable[..., Any] | None]
+    loggers: list[Any]
+    trainer: L.Trainer
+    resume: Path | None
+    allow_pickle: bool
+    resolved: dict[str, Any]
+
+    @property
+    def compressions(self) -> list[Compression]:
+        """The trainer's compression callbacks, in finalization order."""
+        return compressions(self.trainer.callbacks)  # type: ignore[attr-defined]
+
+
+def prepare(cfg: DictConfig) -> Job:
+    """Builds and checks every part of the run described by ``cfg`` (see the module docstring).
+
+    Raises:
+        ConfigError: On bad input, naming the key; nothing has trained or been written.
+    """
+    output_dir = Path(cfg.paths.output_dir)
+    refused = run_dir_state(output_dir).refusal("paths.output_dir")
+    if refused:
+        raise refused
+    seed = check_seed(cfg)
+    if cfg.stages.max_epochs is not None:
+        check_int("stages.max_epochs", cfg.stages.max_epochs, 1, valid=">= 1 or null")
+    L.seed_everything(seed, workers=True, verbose=False)
+    datamodule = check_datamodule(instantiate_checked(cfg.data, "data"))
+    criterion = instantiate_checked(cfg.distill, "distill")
+    shape = tuple(datamodule.input_shape)
+    fits = {"num_classes": datamodule.num_classes, "input_shape": shape}
+    student = build_model(cfg.model.student, key="model.student", **fits)
+    teacher = build_model(cfg.model.teacher, key="model.teacher", **fits) if criterion.requires_teacher else None
+    # feature nodes, sample indices and the method's learned parts, before any teacher training
+    features = prepare_method(criterion, student, teacher, datamodule, tracer=cfg.features_tracer)
+    optimization = build_optimization(cfg)
+    loggers = instantiate_group(cfg.get("logger"), "logger")
+    allow_pickle = bool(OmegaConf.select(cfg, "checkpoint.allow_pickle", default=False))
+    resume = resume_checkpoint(cfg, output_dir, allow_pickle=allow_pickle)
+    trainer = instantiate_checked(
+        cfg.trainer, "trainer", callbacks=[StepSeeds(seed), *instantiate_group(cfg.get("callbacks"), "callbacks")],
+        logger=loggers or False, plugins=[SafeCheckpointIO(allow_pickle=allow_pickle)],
+    )
+    for cb in compressions(trainer.callbacks):  # type: ignore[attr-defined]
+        cb.preflight(trainer, student, reads_features=bool(features[0].nodes), input_shape=shape)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    return Job(seed, datamodule, criterion, student, teacher, features, optimization, loggers, trainer, resume,
+               allow_pickle, resolved)  # type: ignore[arg-type]
+
+
+def check_seed(cfg: DictConfig) -> int:
+    """The run's seed: ``cfg.seed``, or a fresh one written into ``cfg`` when it is null.
+
+    Raises:
+        ConfigError: If the seed is not an integer in ``[0, 2**32)``.
+    """
+    seed = cfg.get("seed")
+    if seed is None and multi_process_launch():
+        # every rank must shuffle alike: take rank 0's (Lightning passes it to the ranks it starts)
+        if "PL_GLOBAL_SEED" not in os.environ:
+            raise ConfigError("seed", "is null in a multi-process launch (torchrun, SLURM tasks), where each "
+                              "process would draw its own; give seed=<int>")
+        seed = int(os.environ["PL_GLOBAL_SEED"])
+        with open_dict(cfg):
+            cfg.seed = seed
+    if seed is None:
+        seed = random.SystemRandom().randrange(2**31)
+        with open_dict(cfg):
+            cfg.seed = seed
+        log.info("seed=null: drew seed %d (recorded in results.json)", seed)
+    return check_int("seed", seed, 0, 2**32, valid="in [0, 2**32)")
+
+
+def instantiate_group(node: DictConfig | None, key: str) -> list[Any]:
+    """Instantiates each named entry of a group of objects (``callbacks``, ``logger``), in order.
+
+    A compression callback learns its config key (``callbacks.prune``) for its error messages.
+    """
+    objects = []
+    for name, value in (node or {}).items():
+        if value is None:
+            continue
+        obj = instantiate_checked(value, f"{key}.{name}")
+        if isinstance(obj, Compression):
+            obj.key = f"{key}.{name}"
+        objects.append(obj)
+    return objects
+
+
+def resume_checkpoint(cfg: DictConfig, output_dir: Path, *, allow_pickle: bool) -> Path | None:
+    """The checkpoint ``resume`` names: None for a fresh run.
+
+    Raises:
+        ConfigError: For a ``resume`` path that is missing or unreadable.
+    """
+    resume = cfg.get("resume")
+    if resume is None:
+        return None
+    if str(resume) == "auto":
+        found = find_resume(output_dir, allow_pickle=allow_pickle)
+        if found is None:
+            log.info("resume=auto: %s has no readable checkpoint; starting from scratch", output_dir)
+        else:
+            log.info("resume=auto: continuing from %s", found)
+        return found
+    path = Path(str(resume))
+    load_checkpoint(path, allow_pickle=allow_pickle, mmap=True)  # missing, corrupt or pickled: now, not mid-setup
+    return path
+
+
+def stage_strategy(cfg: DictConfig) -> dict[str, str]:
+    """The strategy of a preliminary stage's Trainer: the run's, allowing unused parameters.
+
+    A stage trains part of the model (a connector, a paraphraser, the student's body without
+    its classifier), which plain DDP refuses.
+    """
+    strategy = str(cfg.trainer.get("strategy", "auto"))
+    if strategy in ("ddp", "ddp_spawn", "ddp_fork"):
+        return {"strategy": f"{strategy}_find_unused_parameters_true"}
+    return {}
+
+
+def stage_trainer(cfg: DictConfig) -> Callable[[int], L.Trainer]:
+    """Builds the Trainer of a method's preliminary stage for a number of epochs: the run's
+    trainer (``stage_strategy``) without checkpoints, loggers or validation."""
+
+    def make(epochs: int) -> L.Trainer:
+        return instantiate_checked(
+            cfg.trainer, "trainer", max_epochs=min(epochs, cfg.stages.max_epochs or epochs), callbacks=[],
+            logger=False, enable_checkpointing=False, limit_val_batches=0, num_sanity_val_steps=0,
+            **stage_strategy(cfg),
+        )
+
+    return make
