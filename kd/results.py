@@ -180,6 +180,7 @@ class RunRecord:
     method: str | None = None
     seed: int | None = None
     started_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    fields: dict[str, Any] = field(default_factory=dict, repr=False)
     _start: float = field(default_factory=time.time, repr=False)
 
     def header(self, status: str) -> dict[str, Any]:
@@ -192,8 +193,10 @@ class RunRecord:
         }
 
     def write(self, status: str, **fields: Any) -> dict[str, Any]:
-        """Writes ``results.json`` atomically: the header, then ``fields``. Returns what was written."""
-        record = {**self.header(status), **fields}
+        """Writes ``results.json`` atomically: the header, then the fields written so far updated with
+        ``fields`` (a later write adds to an earlier one). Returns what was written."""
+        self.fields.update(fields)
+        record = {**self.header(status), **self.fields}
         write_json_atomic(Path(self.run_dir) / RESULTS_FILE, record)
         return record
 

@@ -70,7 +70,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         )
         results = record_run(record, job, teacher, result)
         if job.trainer.is_global_zero and cfg.report.enabled:
-            results = report(cfg.report, record, job, teacher, result, results)
+            results = report(cfg.report, record, job, teacher, result)
         finish_loggers(job.loggers, results)
         record.clear_failure()
         return results
@@ -115,9 +115,7 @@ def record_run(record: RunRecord, job: Job, teacher: Teacher | None, result: Fit
     return results
 
 
-def report(
-    node: DictConfig, record: RunRecord, job: Job, teacher: Teacher | None, result: FitResult, results: dict[str, Any]
-) -> dict[str, Any]:
+def report(node: DictConfig, record: RunRecord, job: Job, teacher: Teacher | None, result: FitResult) -> dict[str, Any]:
     """Exports and measures the deployable student (``kd.compress.deploy``); adds it to ``results.json``.
 
     Training is done: a report that fails is recorded as an error, the rest of the results kept.
@@ -137,8 +135,7 @@ def report(
         log.exception("the compression report failed")
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         rep = {"error": f"{type(e).__name__}: {first}"}
-    fields = {k: v for k, v in results.items() if k not in record.header("completed")}
-    results = record.write("completed", **fields, report=rep)
+    results = record.write("completed", report=rep)
     if "error" in rep:
         print(f"compression report failed: {rep['error']} (results.json has the rest)", flush=True)
     else:
