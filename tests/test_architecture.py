@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,7 @@ def imports_of(path: Path, known: set[str]) -> set[str]:
     return {m for m in found if m in known and m != name}
 
 
+@functools.cache
 def import_graph() -> dict[str, set[str]]:
     mods = modules()
     return {name: imports_of(path, set(mods)) for name, path in mods.items()}
