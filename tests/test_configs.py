@@ -70,6 +70,30 @@ def test_every_config_file_composes_and_builds(make_cfg, group: str, option: str
             instantiate(cfg.trainer, logger=False)
 
 
+def model_definitions(role: str) -> dict[str, dict]:
+    """The options of ``conf/model/<role>`` that define a net themselves (a ``_target_``), as written."""
+    nodes = {p.stem: OmegaConf.load(p) for p in sorted((CONF / "model" / role).glob("*.yaml"))}
+    return {name: OmegaConf.to_container(node) for name, node in nodes.items() if "_target_" in node}
+
+
+def test_each_architecture_is_defined_in_one_file(make_cfg) -> None:
+    # conf/model/student/ holds the definitions; a teacher that is also a student is a pointer
+    # (conf/model/teacher/cifar_resnet56.yaml): two copies drift apart, and a drifted teacher copy
+    # silently changes the teacher store's key.
+    teachers, students = model_definitions("teacher"), model_definitions("student")
+    both = sorted(set(teachers) & set(students))
+    assert not both, f"conf/model/teacher and conf/model/student both define {both}: make the teacher file a pointer"
+    copies = sorted(f"teacher/{t} = student/{s}" for t, node in teachers.items() for s in students if students[s] == node)
+    assert not copies, f"the same net defined twice: {copies}: make the teacher file a pointer to the student one"
+    pointers = sorted(p.stem for p in (CONF / "model" / "teacher").glob("*.yaml") if p.stem not in teachers)
+    assert pointers  # the check below runs on something
+    for name in pointers:
+        assert list(OmegaConf.load(CONF / "model" / "teacher" / f"{name}.yaml").defaults) == [
+            f"/model/student/{name}@_here_", "_self_"], f"model/teacher={name} should point to model/student={name}"
+        cfg = make_cfg(f"model/teacher={name}", f"model/student={name}", fast=False)
+        assert OmegaConf.to_container(cfg.model.teacher) == OmegaConf.to_container(cfg.model.student), name
+
+
 DISTILL_OPTIONS = sorted(p.stem for p in (CONF / "distill").glob("*.yaml"))
 # methods whose own terms have weight 0 in the main training after their init stage (RepDistiller)
 ZERO_MAIN_WEIGHT = {"ab", "fsp"}
