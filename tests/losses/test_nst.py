@@ -127,8 +127,8 @@ def test_setup_rejects_embeddings() -> None:
 
 
 def test_config_builds_with_the_recipe_defaults() -> None:
-    model = {r: {"_nodes_": OmegaConf.load(CONF / "model" / r / "digits_cnn.yaml")["_nodes_"]}
-             for r in ("student", "teacher")}
+    taps = OmegaConf.load(CONF / "model" / "student" / "digits_cnn.yaml")["_nodes_"]  # model/teacher=digits_cnn too
+    model = {r: {"_nodes_": taps} for r in ("student", "teacher")}
     cfg = OmegaConf.create({"model": model, "distill": OmegaConf.load(CONF / "distill" / "nst.yaml")})
     loss = instantiate(cfg.distill)
     assert isinstance(loss, NSTLoss)

@@ -15,7 +15,7 @@ from tests.conftest import CONF
 @pytest.mark.parametrize(
     ("config", "params"),
     # 784*1200+1200 + 1200*1200+1200 + 1200*10+10; 784*800+800 + 800*800+800 + 800*10+10; ...
-    [("teacher/hinton_mlp", 2_395_210), ("student/hinton_mlp_800", 1_276_810), ("student/hinton_mlp_30", 24_790)],
+    [("student/hinton_mlp", 2_395_210), ("student/hinton_mlp_800", 1_276_810), ("student/hinton_mlp_30", 24_790)],
 )
 def test_the_paper_nets_have_their_exact_sizes_on_mnist_shapes(config: str, params: int) -> None:
     from omegaconf import OmegaConf
