@@ -21,17 +21,15 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
-
-import torch
-from omegaconf import DictConfig, open_dict
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from kd.cli import config_dir
 from kd.cli.compose_errors import composition_error
-from kd.compress.artifacts import KEY, file_size
-from kd.compress.evaluate import check_path, evaluate_model, load_model
 from kd.errors import ConfigError, check_int, instantiate_checked
+
+if TYPE_CHECKING:
+    import torch
+    from omegaconf import DictConfig
 
 EXAMPLES = """examples:
   kd-eval outputs/2026-11-22/12-00-00/student.pt2
@@ -54,6 +52,7 @@ def compose_eval(overrides: Sequence[str]) -> tuple[DictConfig, str]:
     """
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
+    from omegaconf import open_dict
 
     try:
         with initialize_config_dir(config_dir(), version_base="1.3"):
@@ -70,6 +69,8 @@ def compose_eval(overrides: Sequence[str]) -> tuple[DictConfig, str]:
 
 
 def _device(name: str) -> torch.device:
+    import torch
+
     try:
         device = torch.device(name)
     except (RuntimeError, TypeError) as e:
@@ -96,6 +97,14 @@ def evaluate_artifact(path: Path, overrides: Sequence[str] = ()) -> dict[str, An
     Raises:
         ConfigError: On bad input, in one line.
     """
+    # torch and the artifact loaders: not imported for --help or a bad command line
+    import torch
+    from omegaconf import open_dict
+    from torch import nn
+
+    from kd.compress.artifacts import KEY, file_size
+    from kd.compress.evaluate import check_path, evaluate_model, load_model
+
     path = Path(path)
     check_path(path)
     cfg, data = compose_eval(overrides)

@@ -11,21 +11,24 @@ marks the taps of the model configs (``_nodes_``). Same config tree and override
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
-import torch
 from omegaconf import DictConfig, OmegaConf
-from torch import nn
 
 from kd.cli import config_dir
 from kd.errors import ConfigError, instantiate_checked
-from kd.models.build import NODES_KEY, build_model
-from kd.models.features import FeatureExtractor, available_nodes
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 def node_table(model: nn.Module, input_shape: tuple[int, ...], taps: dict[str, Any] | None = None) -> list[str]:
     """Lines ``name  shape  [tap]`` for every node (or module, when FX cannot trace) of a model."""
+    import torch
+
+    from kd.models.features import FeatureExtractor, available_nodes
+
     mode, names = available_nodes(model)
     extractor = FeatureExtractor(model, names, key="nodes", input_shape=input_shape, tracer="fx" if mode == "fx" else "hooks")
     was = model.training
@@ -50,6 +53,8 @@ def node_table(model: nn.Module, input_shape: tuple[int, ...], taps: dict[str, A
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 def main(cfg: DictConfig) -> None:
     """Prints the node tables of ``model.student`` and ``model.teacher``."""
+    from kd.models.build import NODES_KEY, build_model  # and torch: not imported for --help
+
     try:
         datamodule = instantiate_checked(cfg.data, "data")
         shape = tuple(datamodule.input_shape)
