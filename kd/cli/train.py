@@ -99,9 +99,15 @@ def main(cfg: DictConfig) -> float | None:
 
 
 def cli() -> None:
-    """The ``kd-train`` command: ``main`` with one-line errors for configs Hydra cannot compose."""
-    from kd.cli.compose_errors import run_app
+    """The ``kd-train`` command: ``main`` with one-line errors for configs Hydra cannot compose.
 
+    The console shows kd's progress and results; ``-v`` (``--verbose``) adds what the libraries
+    under kd log and warn (``kd.cli.quiet``).
+    """
+    from kd.cli.compose_errors import run_app
+    from kd.cli.quiet import quiet
+
+    sys.argv[1:] = quiet(sys.argv[1:])
     run_app(main, "kd-train")
 
 
