@@ -79,7 +79,12 @@ def instantiate_checked(node: Any, key: str, **kwargs: Any) -> Any:
             where = [line[len("full_key: "):] for line in str(e).splitlines() if line.startswith("full_key: ")]
             raise cause.with_prefix(where[0] if where and where[0].startswith(key) else key) from None
         target = node.get("_target_", "?") if hasattr(node, "get") else "?"
-        detail = f"{type(cause).__name__}: {cause}" if cause else str(e).splitlines()[0]
+        if isinstance(cause, ImportError):  # Hydra's message spans lines; the import's own error says it
+            root = cause.__cause__ or cause.__context__
+            detail = f"cannot import it ({root or cause}); is the _target_ spelled right and its module on the Python path (PYTHONPATH)?"
+            detail = " ".join(detail.split())
+        else:
+            detail = " ".join(f"{type(cause).__name__}: {cause}".split()) if cause else str(e).splitlines()[0]
         raise ConfigError(key, f"cannot build {target}: {detail}") from e
 
 

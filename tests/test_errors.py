@@ -124,3 +124,12 @@ def test_no_teacher_is_trained_inside_a_multi_process_launch(make_cfg, tmp_path:
     with pytest.raises(ConfigError, match="run the same command once on a single device first"):
         run(make_cfg())
     assert not list(tmp_path.rglob("teacher.pt"))
+
+
+def test_a_target_that_cannot_be_imported_is_one_line_naming_the_module(make_cfg, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        run(make_cfg("data._target_=my_lab.data.WineDataModule"))
+    assert str(err.value) == (
+        "data: cannot build my_lab.data.WineDataModule: cannot import it (No module named 'my_lab'); is the "
+        "_target_ spelled right and its module on the Python path (PYTHONPATH)?")
+    _assert_nothing_trained(tmp_path / "run")
