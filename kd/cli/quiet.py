@@ -90,3 +90,18 @@ def quiet(argv: Sequence[str]) -> list[str]:
         for category in WARNING_CATEGORIES:
             warnings.filterwarnings("ignore", category=category, module=module)
     return args
+
+
+def one_console_for_lightning() -> None:
+    """Stops Lightning's lines printing twice under Hydra's logging.
+
+    Importing ``lightning`` adds a console handler of its own to the ``lightning`` logger, which
+    still passes each record up to the root logger. kd-train imports it after Hydra has given
+    the root logger its handlers, so every Lightning line would print twice (``-v`` shows them):
+    this drops Lightning's own handler when the root logger has one.
+    """
+    if not logging.getLogger().handlers:
+        return
+    own = logging.getLogger("lightning")
+    for handler in [h for h in own.handlers if type(h) is logging.StreamHandler]:
+        own.removeHandler(handler)

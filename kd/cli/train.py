@@ -15,6 +15,7 @@ import hydra
 from omegaconf import DictConfig, ListConfig
 
 from kd.cli import config_dir
+from kd.cli.quiet import one_console_for_lightning
 from kd.errors import ConfigError, Diverged
 from kd.results import run_dir_state
 
@@ -84,6 +85,8 @@ def main(cfg: DictConfig) -> float | None:
         print(f"kd-train: resume=auto: {cfg.paths.output_dir} is finished; skipped", file=sys.stderr, flush=True)
         return (state.results or {}).get("student", {}).get("metrics", {}).get("val/acc")
     from kd.training.run import run  # the training stack: not imported for --help or a config error
+
+    one_console_for_lightning()
 
     try:
         results = run(cfg)
