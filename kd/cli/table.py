@@ -1,12 +1,7 @@
 """``kd-table``: a paper-style table of a sweep's runs, mean ± std over seeds.
 
-Reads Hydra job directories (a multirun directory, several, or a parent searched recursively)
-or a W&B project (``kd.sweeps.runs``), groups the completed runs by the values of the row and column
-keys, and shows each cell's mean ± sample std (ddof=1) of the student's metric and the number
-of runs n. The metric is the selected best-validation checkpoint's (``--final``: the final
-epoch's), never the best epoch on the test set. Failed and incomplete runs are listed below the
-table, never dropped silently. With the method on an axis and a ``none`` method (cross-entropy
-alone) among its values, each cell also shows the difference of its mean to that baseline.
+The table is built by ``kd.sweeps.table`` (what a cell holds, how runs are grouped, the
+baseline difference: see there); this module parses the command line and writes the files.
 
 Examples:
     kd-table outputs/multiruns/2025-01-01/12-00-00                     # rows student, cols method
