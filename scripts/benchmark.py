@@ -202,7 +202,7 @@ def compose(overrides: list[str]) -> Any:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from kd.cli.train import config_dir
+    from kd.cli import config_dir
 
     with initialize_config_dir(config_dir(), version_base="1.3"):
         return hydra_compose("train", overrides=overrides)

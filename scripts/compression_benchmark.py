@@ -57,7 +57,7 @@ def run_one(overrides: list[str], root: Path, name: str) -> dict:
     from hydra import compose, initialize_config_dir
     from omegaconf import open_dict
 
-    from kd.cli.train import config_dir
+    from kd.cli import config_dir
     from kd.training.run import run
 
     with initialize_config_dir(config_dir(), version_base="1.3"):

@@ -11,7 +11,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
-from kd.cli.train import config_dir
+from kd.cli import config_dir
 
 CONF = Path(config_dir())
 os.environ.setdefault("WANDB_SILENT", "true")

@@ -9,7 +9,7 @@ import pytest
 import yaml
 from hydra import compose, initialize_config_dir
 
-from kd.cli.train import config_dir
+from kd.cli import config_dir
 
 PRESETS = sorted(p.stem for p in (Path(config_dir()) / "hparams_search").glob("*.yaml"))
 

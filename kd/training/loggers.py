@@ -236,7 +236,7 @@ def run_identity(
 
     Args:
         resolved: The resolved config.
-        overrides: The command-line overrides (``kd.training.run.task_overrides()``).
+        overrides: The command-line overrides (``kd.results.task_overrides()``).
         choices: Hydra's chosen option per config group (``hydra.runtime.choices``), if any.
         sweep: The sweep this run belongs to (a multirun), if any.
 
