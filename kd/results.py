@@ -182,12 +182,20 @@ class RunRecord:
     started_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     fields: dict[str, Any] = field(default_factory=dict, repr=False)
     _start: float = field(default_factory=time.time, repr=False)
+    _git: dict[str, Any] | None = field(default=None, repr=False)
+
+    @property
+    def git(self) -> dict[str, Any]:
+        """``git_info()`` of the kd source, asked once per run."""
+        if self._git is None:
+            self._git = git_info()
+        return self._git
 
     def header(self, status: str) -> dict[str, Any]:
         import kd
 
         return {
-            "kd_version": kd.__version__, "git": git_info(), "status": status, "started_at": self.started_at,
+            "kd_version": kd.__version__, "git": self.git, "status": status, "started_at": self.started_at,
             "wall_time_s": round(time.time() - self._start, 2), "run_dir": str(self.run_dir),
             "overrides": list(self.overrides), "method": self.method, "seed": self.seed,
         }

@@ -47,6 +47,7 @@ def cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..
     """``cli(*args)``: runs ``kd-train`` in this process, writing under tmp_path; its exit code."""
     monkeypatch.setenv("KD_OUTPUT_ROOT", str(tmp_path / "outputs"))
     monkeypatch.setenv("HYDRA_FULL_ERROR", "0")  # kd-train sets it; restored after the test
+    monkeypatch.setenv("KD_VERBOSE", "0")  # kd-train -v sets it; restored after the test
 
     def call(*args: str) -> int:
         from kd.cli.train import cli

@@ -74,7 +74,8 @@ def test_ddp_run_writes_once_and_reports_metrics_of_the_whole_split(tmp_path: Pa
     run_dir = tmp_path / "run"
     # Every epoch's checkpoint is kept, and mode=min selects the one with the lowest val/acc, the
     # first: the selected weights differ from the final ones, and both are on disk to check.
-    code, out = kd_train(tmp_path, *SHORT, "callbacks.model_checkpoint.mode=min",
+    # -v: Lightning's lines (the backend, each rank's membership) are the evidence read below
+    code, out = kd_train(tmp_path, "-v", *SHORT, "callbacks.model_checkpoint.mode=min",
                          "callbacks.model_checkpoint.save_top_k=-1", f"teacher.store_dir={tmp_path / 'store'}",
                          f"hydra.run.dir={run_dir}")
     assert code == 0, out[-3000:]
@@ -159,7 +160,7 @@ def test_a_missing_teacher_is_trained_once_before_the_ranks_start_then_reused(tm
     store = tmp_path / "store"
     short = (*SHORT, "trainer.max_epochs=1", "trainer.limit_train_batches=2", "report.enabled=false",
              f"teacher.store_dir={store}")
-    code, out = kd_train(tmp_path, *short, f"hydra.run.dir={tmp_path / 'first'}")
+    code, out = kd_train(tmp_path, "-v", *short, f"hydra.run.dir={tmp_path / 'first'}")  # -v: the ranks' lines
     assert code == 0, out[-3000:]
     first = json.loads((tmp_path / "first" / RESULTS_FILE).read_text())["teacher"]
     assert first["source"] == "trained"

@@ -131,3 +131,11 @@ def test_verbose_brings_back_lightnings_lines(tmp_path: Path) -> None:
     lines = _kd_train(tmp_path, "-v", "distill=none", "report.enabled=false")
     # one Trainer (no teacher, no stages): its lines once, through Hydra's logging, not twice
     assert sum("GPU available" in line for line in lines) == 1, "\n".join(lines)
+
+
+def test_verbose_reaches_the_processes_a_run_starts(tmp_path: Path) -> None:
+    # Lightning's DDP re-runs the command for ranks 1..n with argv as kd-train left it (no -v)
+    code = ("import logging, os\nfrom kd.cli.quiet import quiet\n"
+            "print(quiet(['-v', 'seed=1']), os.environ.get('KD_VERBOSE'))\n"
+            "print(quiet(['seed=1']), logging.getLogger('onnx_ir').level)")
+    assert _python(code, tmp_path).splitlines() == ["['seed=1'] 1", "['seed=1'] 0"]  # the rank: verbose, nothing set

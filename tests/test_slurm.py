@@ -250,7 +250,10 @@ def test_a_sweep_job_runs_as_a_slurm_job_and_writes_its_results(cli, fake_slurm:
         out, err = (task / f"{JOB_ID}_{t}_log.out").read_text(), (task / f"{JOB_ID}_{t}_log.err").read_text()
         assert f"JobEnvironment(job_id={JOB_ID}, hostname" in out and f"global_rank={t}({tasks})" in out
         assert "Job completed successfully" in out
-        assert "SLURM auto-requeueing enabled" in err  # Lightning's SLURMEnvironment was detected
-    assert f"used: {gpu}" in (task / f"{JOB_ID}_0_log.err").read_text()  # Lightning's "GPU available: ..., used: ..."
+        # Lightning's SLURMEnvironment was detected (its lines go through Hydra's job logging, to stdout)
+        assert "SLURM auto-requeueing enabled" in out + err
+    first = (task / f"{JOB_ID}_0_log.out").read_text() + (task / f"{JOB_ID}_0_log.err").read_text()
+    assert f"used: {gpu}" in first  # Lightning's "GPU available: ..., used: ..."
     if tasks > 1:
-        assert f"Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/{tasks}" in (task / f"{JOB_ID}_1_log.err").read_text()
+        second = (task / f"{JOB_ID}_1_log.out").read_text() + (task / f"{JOB_ID}_1_log.err").read_text()
+        assert f"Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/{tasks}" in second

@@ -8,14 +8,16 @@ and Lightning warn about one another's internals. ``quiet`` raises those loggers
 ignores those warnings where they arise inside the libraries. What the libraries log at WARNING
 or above still shows, and so does a warning that a library attributes to kd's call of it.
 
-``kd-train -v`` (``--verbose``), a ``hydra.verbose=...`` override or Python's own ``-W`` /
-``PYTHONWARNINGS`` leave the logs (respectively the warnings) as the libraries set them.
+``kd-train -v`` (``--verbose``), ``KD_VERBOSE=1``, a ``hydra.verbose=...`` override or Python's
+own ``-W`` / ``PYTHONWARNINGS`` leave the logs (respectively the warnings) as the libraries set
+them. ``-v`` sets ``KD_VERBOSE=1`` for the processes the run starts (DDP ranks).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import pkgutil
 import re
 import sys
@@ -24,6 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 VERBOSE_FLAGS = ("-v", "--verbose")
+VERBOSE_ENV = "KD_VERBOSE"  # =1: verbose, as -v; set by -v for the processes a run starts
 
 # Loggers of dependencies that log at INFO what a kd user did not ask for (torch's own loggers
 # are WARNING already, unless TORCH_LOGS asks otherwise, which sets them again when torch loads).
@@ -81,7 +84,9 @@ def quiet(argv: Sequence[str]) -> list[str]:
         >>> sys.argv[1:] = quiet(sys.argv[1:])  # first thing in a command, before Hydra parses argv
     """
     args = [a for a in argv if a not in VERBOSE_FLAGS]
-    if len(args) < len(argv) or any(_asks_for_verbose(a) for a in args):
+    if len(args) < len(argv) or any(_asks_for_verbose(a) for a in args) or os.environ.get(VERBOSE_ENV) == "1":
+        # the processes this one starts (Lightning's DDP ranks re-run the command, without -v) say it too
+        os.environ[VERBOSE_ENV] = "1"
         return args
     for name in (*LOGGERS, *_lightning_loggers()):
         logging.getLogger(name).setLevel(logging.WARNING)
