@@ -1,4 +1,5 @@
-"""The errors kd raises for bad input (``ConfigError``) and for a run that diverged (``Diverged``)."""
+"""The errors kd raises for bad input (``ConfigError``), a run that diverged (``Diverged``) and a run
+stopped by SIGTERM (``Terminated``)."""
 
 from __future__ import annotations
 
@@ -109,3 +110,21 @@ class Diverged(RuntimeError):
 
     def as_dict(self) -> dict[str, Any]:
         return {"term": self.term, "value": str(self.value), "step": self.step, "epoch": self.epoch, "batch": self.batch}
+
+
+class Terminated(SystemExit):
+    """The run received SIGTERM (``kill``, ``timeout``, a scheduler's cancel): it stopped, resumable.
+
+    A ``SystemExit`` with status 143 (128 + SIGTERM), so a sweep stops as its process was told to,
+    and a scheduler or ``timeout`` sees a failure, not a success.
+
+    Args:
+        message: What was stopped and how to continue it.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(143)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message

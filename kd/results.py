@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import tempfile
 import time
@@ -149,6 +150,39 @@ def run_dir_state(run_dir: str | Path) -> RunDirState:
     if overrides or checkpoints or (run_dir / ".hydra").is_dir():
         return state("incomplete", error=f"no {RESULTS_FILE} nor {FAILURE_FILE} (killed or still running)")
     return state("new")
+
+
+HYDRA_FILES = ("config.yaml", "hydra.yaml", "overrides.yaml")
+
+
+def keep_first_hydra_record(run_dir: Path, hydra_dir: Path) -> None:
+    """Keeps the ``.hydra/`` files of the start that trained when a command runs again in its directory.
+
+    Hydra writes ``config.yaml``, ``hydra.yaml`` and ``overrides.yaml`` into ``hydra_dir`` at
+    every start, a resume included, over the record of the run that trained there. Each start's
+    files are kept in ``attempts/<k>/``; when the directory holds checkpoints (an earlier start
+    trained), the files of ``attempts/1/`` are put back in ``hydra_dir``: what the run was started
+    with is never overwritten. Starts that left no checkpoint (refused, or killed before the first)
+    are forgotten: the next start is the first.
+    """
+    hydra_dir = Path(hydra_dir)
+    written = [hydra_dir / n for n in HYDRA_FILES if (hydra_dir / n).is_file()]
+    if not written:
+        return
+    attempts = hydra_dir / "attempts"
+    trained = any((Path(run_dir) / "checkpoints").glob("*.ckpt"))
+    if not trained and attempts.is_dir():
+        shutil.rmtree(attempts)
+    done = sorted(int(p.name) for p in attempts.iterdir() if p.name.isdigit()) if attempts.is_dir() else []
+    this = attempts / str(done[-1] + 1 if done else 1)
+    this.mkdir(parents=True, exist_ok=True)
+    for path in written:
+        data = path.read_bytes()
+        _write_atomic(this / path.name, lambda f, data=data: f.write(data))
+    if done:
+        for path in (attempts / "1").iterdir():
+            data = path.read_bytes()
+            _write_atomic(hydra_dir / path.name, lambda f, data=data: f.write(data))
 
 
 def task_overrides() -> list[str]:

@@ -6,7 +6,8 @@ killed right after a random optimizer step in the middle of an epoch (``tests.fa
 between two step checkpoints, then run again with the same command plus ``resume=auto``, which
 finds the run's directory and its newest checkpoint. Final and best-validation metrics must be
 equal and the student's weights equal bit for bit (CPU). For KD the newest checkpoint is first cut
-in half: named explicitly it is refused on one line, and ``resume=auto`` falls back to the one
+in half, for CRD 64 bytes inside one of its tensors are flipped (a bad sector: the file still
+loads): named explicitly it is refused on one line, and ``resume=auto`` falls back to the one
 before it, and still ends where the uninterrupted run ends.
 """
 
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from faults import kd_train
+from faults import flip_bytes, kd_train
 from omegaconf import OmegaConf
 
 from kd.models.weights import CorruptCheckpoint
@@ -54,11 +55,12 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_weights_and_metrics(cli, tmp
     total = torch.load(tmp_path / "whole" / "checkpoints" / "last.ckpt", weights_only=True, mmap=True)["global_step"]
     per_epoch = total // EPOCHS
     # a step inside epoch 1 that is not a checkpoint step: the resumed run redoes the steps since the last one;
-    # for kd the newest checkpoint is then cut short, and the one before it (mid-epoch 1 too) must do
-    truncate = method == "kd"
+    # for kd the newest checkpoint is then cut short, for crd some of its bytes flipped, and the one before
+    # it (mid-epoch 1 too) must do
+    truncate, flip = method == "kd", method == "crd"
     kill = random.Random(method).choice([
         s for s in range(per_epoch + 2, 2 * per_epoch - 1)
-        if s % EVERY and (not truncate or s - s % EVERY - EVERY > per_epoch)
+        if s % EVERY and (not (truncate or flip) or s - s % EVERY - EVERY > per_epoch)
     ])
     faulty = (*common, "+callbacks.fault._target_=tests.faults.KillAt", f"+callbacks.fault.step={kill}",
               f"+callbacks.fault.marker={tmp_path / 'killed'}")
@@ -78,11 +80,21 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_weights_and_metrics(cli, tmp
         assert str(named.value).startswith(f"resume: {resume_from} is truncated or corrupt (")
         assert str(named.value).endswith("delete it or give another checkpoint") and "\n" not in str(named.value)
         broken, resume_from = resume_from, run_dir / "checkpoints" / f"resume-step{newest - EVERY}.ckpt"
+    if flip:
+        record = flip_bytes(resume_from)
+        torch.load(resume_from, weights_only=True)  # torch itself reads it without a word
+        with pytest.raises(CorruptCheckpoint) as named:
+            resume_checkpoint(OmegaConf.create({"resume": str(resume_from)}), run_dir, allow_pickle=False)
+        assert str(named.value) == (f"resume: {resume_from} is corrupt: the bytes of its record {record} no longer "
+                                    "match their CRC (changed on disk); delete it or give another checkpoint")
+        broken, resume_from = resume_from, run_dir / "checkpoints" / f"resume-step{newest - EVERY}.ckpt"
 
     code, out = kd_train(tmp_path, *faulty, "resume=auto")
     assert code == 0, out
     if truncate:
         assert f"resume=auto: skipping a checkpoint that does not load: {broken} is truncated or corrupt" in out
+    if flip:
+        assert f"resume=auto: skipping a checkpoint that does not load: {broken} is corrupt: the bytes of its record" in out
     assert f"resume=auto: continuing from {resume_from}" in out
     assert len(list((tmp_path / "outputs" / "runs").glob("*/*"))) == 1  # the same directory, not a new one
     resumed = json.loads((run_dir / RESULTS_FILE).read_text())

@@ -9,7 +9,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, read_write
 
-from kd.results import RESULTS_FILE, run_dir_state
+from kd.results import RESULTS_FILE, keep_first_hydra_record, run_dir_state
 
 
 class RefuseUsedRunDir(Callback):
@@ -71,3 +71,19 @@ class ResumeRunDir(Callback):
         if found is not None:
             with read_write(config.hydra):
                 config.hydra.run.dir = str(found)
+
+
+class KeepFirstRecord(Callback):
+    """Hydra rewrites ``.hydra/`` at every start in a run directory (a resume too): each start's files
+    are kept in ``.hydra/attempts/<k>/``, and those of the start that trained put back
+    (``keep_first_hydra_record``).
+
+    Runs in ``on_job_start``, right after Hydra wrote them, before kd's code; a DDP rank that
+    Lightning started writes no ``.hydra/`` (``hydra.output_subdir=null``).
+    """
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        subdir = config.hydra.output_subdir
+        if subdir is not None:
+            run_dir = Path(str(config.hydra.runtime.output_dir))
+            keep_first_hydra_record(run_dir, run_dir / str(subdir))

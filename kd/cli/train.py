@@ -16,7 +16,7 @@ from omegaconf import DictConfig, ListConfig
 
 from kd.cli import config_dir
 from kd.cli.quiet import one_console_for_lightning
-from kd.errors import ConfigError, Diverged
+from kd.errors import ConfigError, Diverged, Terminated
 from kd.results import run_dir_state
 
 
@@ -69,7 +69,8 @@ def main(cfg: DictConfig) -> float | None:
     """Runs ``run(cfg)``; returns the selected student's ``val/acc``, the objective of a search sweeper.
 
     A single run's ConfigError is one line on stderr and exit status 2; a divergence
-    (``kd.errors.Diverged``) one line and status 1. In a multirun the error is one line too,
+    (``kd.errors.Diverged``) one line and status 1; SIGTERM (``kd.errors.Terminated``) one line
+    and status 143, in a multirun too (the sweep stops). In a multirun the error is one line too,
     then raised for Hydra: the sweep goes on with the next job (Hydra exits non-zero at the end;
     Optuna counts the trial as failed), and ``kd-table`` lists the failed job (``run`` left its
     record in the job's directory).
@@ -90,6 +91,9 @@ def main(cfg: DictConfig) -> float | None:
 
     try:
         results = run(cfg)
+    except Terminated as e:  # a SystemExit: a sweep stops too, as its process was told to
+        print(f"kd-train: {e}", file=sys.stderr, flush=True)
+        raise
     except (ConfigError, Diverged) as e:
         multirun = _in_multirun()
         where = f" ({cfg.paths.output_dir})" if multirun else ""

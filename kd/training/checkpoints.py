@@ -11,7 +11,11 @@
   draw from generators of their own, keyed by seed and epoch, and say how far into the epoch
   they got (``kd.data.order``).
 - ``find_resume`` picks the checkpoint ``resume=auto`` continues from: the newest one in the run's
-  ``checkpoints/`` that loads, skipping (with a warning) truncated or corrupt ones.
+  ``checkpoints/`` that loads and holds finite weights, skipping (with a warning) truncated or
+  corrupt ones (a record whose bytes fail its CRC) and ones with NaN or Inf.
+- ``RunSettings`` writes the run's resolved config into every checkpoint; ``resume_changes``
+  compares it with the config of the run that continues from it, and refuses a resume that would
+  train one thing and record another.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ import numpy as np
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from kd.models.weights import CorruptCheckpoint, load_checkpoint
+from kd.errors import ConfigError
+from kd.models.weights import CorruptCheckpoint, load_checkpoint, nonfinite_tensor
 from kd.results import _write_atomic
 
 log = logging.getLogger(__name__)
@@ -65,14 +70,16 @@ def checkpoint_candidates(directory: str | Path) -> list[Path]:
 
 
 def find_resume(run_dir: str | Path, *, allow_pickle: bool = False) -> Path | None:
-    """The checkpoint ``resume=auto`` continues from: the one of the highest step that loads.
+    """The checkpoint ``resume=auto`` continues from: the one of the highest step that loads and
+    holds finite weights.
 
     Checkpoints of the same step (``last.ckpt`` and a step checkpoint) are equivalent; the newest
-    file wins. A file that does not load (a crash while it was copied in, a full disk) is
+    file wins. A file that does not load (a crash while it was copied in, a full disk, bytes
+    changed on disk) or whose weights hold NaN or Inf (written just before a run diverged) is
     skipped with a warning naming it, and the previous good one is used.
 
     Returns:
-        The path, or None when the run has no readable checkpoint.
+        The path, or None when the run has no such checkpoint.
     """
     readable: list[tuple[int, float, Path]] = []
     for path in checkpoint_candidates(run_dir):
@@ -85,9 +92,75 @@ def find_resume(run_dir: str | Path, *, allow_pickle: bool = False) -> Path | No
             log.warning("resume=auto: skipping %s, which is not a training checkpoint", path)
             continue
         readable.append((_step(state), path.stat().st_mtime, path))
-    if not readable:
-        return None
-    return max(readable)[2]
+    for _, _, path in sorted(readable, reverse=True):
+        bad = nonfinite_tensor(load_checkpoint(path, allow_pickle=allow_pickle, mmap=True)["state_dict"])
+        if bad is None:
+            return path
+        log.warning("skipping checkpoint %s: its weights hold NaN or Inf (%s)", path, bad)
+    return None
+
+
+# Settings a resumed run may change: where files go, what is logged and reported, and how long it
+# trains. Anything else would train one thing and record another.
+MAY_CHANGE_ON_RESUME = (
+    "resume", "paths", "logger", "report", "checkpoint.allow_pickle", "teacher.store_dir", "teacher_cache.dir",
+    "trainer.max_epochs", "trainer.enable_progress_bar",
+)
+
+
+def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict) and node:
+        out: dict[str, Any] = {}
+        for k, v in node.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: node}
+
+
+def resume_changes(path: Path, saved: dict[str, Any] | None, config: dict[str, Any]) -> dict[str, list[Any]]:
+    """What differs between the config that wrote checkpoint ``path`` and ``config``, which resumes from it.
+
+    Args:
+        path: The checkpoint, for messages.
+        saved: The resolved config stored in it by ``RunSettings`` (None for a checkpoint from
+            before kd stored it: nothing can be compared).
+        config: This run's resolved config.
+
+    Returns:
+        The changed keys of ``MAY_CHANGE_ON_RESUME``, each with ``[before, now]``.
+
+    Raises:
+        ConfigError: Naming every other changed key with both values.
+    """
+    if saved is None:
+        log.warning("resume: %s does not record the settings it was trained with; they cannot be compared", path)
+        return {}
+    before, now = _flat(saved), _flat(config)
+    changed = {k: [before.get(k), now.get(k)] for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)}
+    allowed = {k: v for k, v in changed.items() if any(k == p or k.startswith(p + ".") for p in MAY_CHANGE_ON_RESUME)}
+    refused = [f"{k}={v[0]!r} (now {v[1]!r})" for k, v in changed.items() if k not in allowed]
+    if refused:
+        more = f", +{len(refused) - 6} more" if len(refused) > 6 else ""
+        raise ConfigError("resume", f"{path} was written by a run with other settings: {', '.join(refused[:6])}{more}; "
+                          "resume with the settings the run started with, or start a new run in a new directory "
+                          "(only paths, logger, report and trainer.max_epochs may change on resume)")
+    return allowed
+
+
+class RunSettings(L.Callback):
+    """Writes the run's settings into every checkpoint (``checkpoint["kd"]``), for ``resume_changes``.
+
+    Args:
+        config: The run's resolved config.
+        overrides: The command-line overrides the run was started with.
+        resumes: The resumes so far, each with its checkpoint, step, overrides and changed keys.
+    """
+
+    def __init__(self, config: dict[str, Any], overrides: list[str], resumes: list[dict[str, Any]]) -> None:
+        self.record = {"config": config, "overrides": list(overrides), "resumes": list(resumes)}
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        checkpoint["kd"] = self.record
 
 
 def step_seed(seed: int, *parts: int) -> int:

@@ -208,8 +208,8 @@ class DistillationModule(L.LightningModule):
             raise Diverged("a loss term on another rank", float("nan"), *where)
         for name, value in terms.items():
             if not bool(torch.isfinite(value.detach())):
-                raise Diverged(f"train/loss_{name}", float(value), *where)
-        raise Diverged("train/loss", float(loss), *where)
+                raise Diverged(f"train/loss_{name}", float(value.detach()), *where)
+        raise Diverged("train/loss", float(loss.detach()), *where)
 
     def _eval_step(self, batch: Batch, metrics: MetricCollection, stage: str) -> None:
         x, y = self._input(batch), batch["target"]

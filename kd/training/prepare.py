@@ -29,10 +29,10 @@ from kd.errors import ConfigError, check_int, instantiate_checked
 from kd.losses.base import DistillationLoss
 from kd.models.build import build_model
 from kd.models.features import FeatureExtractor
-from kd.models.weights import load_checkpoint
-from kd.results import run_dir_state
+from kd.models.weights import load_checkpoint, nonfinite_tensor
+from kd.results import run_dir_state, task_overrides
 from kd.teacher.source import multi_process_launch
-from kd.training.checkpoints import SafeCheckpointIO, StepSeeds, find_resume
+from kd.training.checkpoints import RunSettings, SafeCheckpointIO, StepSeeds, find_resume, resume_changes
 from kd.training.fit import build_optimization
 from kd.training.method import prepare_method
 
@@ -57,6 +57,8 @@ class Job:
         resume: The checkpoint to continue from, or None.
         allow_pickle: Whether checkpoints may need pickle (``checkpoint.allow_pickle``).
         resolved: The config, resolved: what ``results.json`` and the loggers record.
+        history: The overrides the run was started with (``overrides``) and, when it was
+            resumed, each resume (``resumes``: checkpoint, step, overrides, changed settings).
     """
 
     seed: int
@@ -71,6 +73,7 @@ class Job:
     resume: Path | None
     allow_pickle: bool
     resolved: dict[str, Any]
+    history: dict[str, Any]
 
     @property
     def compressions(self) -> list[Compression]:
@@ -88,6 +91,12 @@ def prepare(cfg: DictConfig) -> Job:
     refused = run_dir_state(output_dir).refusal("paths.output_dir")
     if refused:
         raise refused
+    allow_pickle = bool(OmegaConf.select(cfg, "checkpoint.allow_pickle", default=False))
+    resume = resume_checkpoint(cfg, output_dir, allow_pickle=allow_pickle)
+    saved = load_checkpoint(resume, allow_pickle=allow_pickle, mmap=True) if resume is not None else {}
+    if cfg.get("seed") is None and (saved.get("kd") or {}).get("config", {}).get("seed") is not None:
+        with open_dict(cfg):  # the seed the interrupted run drew
+            cfg.seed = saved["kd"]["config"]["seed"]
     seed = check_seed(cfg)
     if cfg.stages.max_epochs is not None:
         check_int("stages.max_epochs", cfg.stages.max_epochs, 1, valid=">= 1 or null")
@@ -102,17 +111,32 @@ def prepare(cfg: DictConfig) -> Job:
     features = prepare_method(criterion, student, teacher, datamodule, tracer=cfg.features_tracer)
     optimization = build_optimization(cfg)
     loggers = instantiate_group(cfg.get("logger"), "logger")
-    allow_pickle = bool(OmegaConf.select(cfg, "checkpoint.allow_pickle", default=False))
-    resume = resume_checkpoint(cfg, output_dir, allow_pickle=allow_pickle)
+    resolved: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+    history = resume_history(resume, saved, resolved)
     trainer = instantiate_checked(
-        cfg.trainer, "trainer", callbacks=[StepSeeds(seed), *instantiate_group(cfg.get("callbacks"), "callbacks")],
-        logger=loggers or False, plugins=[SafeCheckpointIO(allow_pickle=allow_pickle)],
+        cfg.trainer, "trainer", logger=loggers or False, plugins=[SafeCheckpointIO(allow_pickle=allow_pickle)],
+        callbacks=[StepSeeds(seed), RunSettings(resolved, history["overrides"], history["resumes"]),
+                   *instantiate_group(cfg.get("callbacks"), "callbacks")],
     )
     for cb in compressions(trainer.callbacks):  # type: ignore[attr-defined]
         cb.preflight(trainer, student, reads_features=bool(features[0].nodes), input_shape=shape)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
     return Job(seed, datamodule, criterion, student, teacher, features, optimization, loggers, trainer, resume,
-               allow_pickle, resolved)  # type: ignore[arg-type]
+               allow_pickle, resolved, history)
+
+
+def resume_history(resume: Path | None, saved: dict[str, Any], resolved: dict[str, Any]) -> dict[str, Any]:
+    """The overrides the run started with and its resumes, this one included.
+
+    Raises:
+        ConfigError: When the checkpoint was written with other settings (``resume_changes``).
+    """
+    if resume is None:
+        return {"overrides": task_overrides(), "resumes": []}
+    record = saved.get("kd") or {}
+    changed = resume_changes(resume, record.get("config"), resolved)
+    this = {"checkpoint": str(resume), "step": int(saved.get("global_step", -1)), "overrides": task_overrides(),
+            "changed": changed}
+    return {"overrides": list(record.get("overrides", task_overrides())), "resumes": [*record.get("resumes", []), this]}
 
 
 def check_seed(cfg: DictConfig) -> int:
@@ -158,7 +182,7 @@ def resume_checkpoint(cfg: DictConfig, output_dir: Path, *, allow_pickle: bool) 
     """The checkpoint ``resume`` names: None for a fresh run.
 
     Raises:
-        ConfigError: For a ``resume`` path that is missing or unreadable.
+        ConfigError: For a ``resume`` path that is missing, unreadable or holds NaN or Inf.
     """
     resume = cfg.get("resume")
     if resume is None:
@@ -171,7 +195,11 @@ def resume_checkpoint(cfg: DictConfig, output_dir: Path, *, allow_pickle: bool) 
             log.info("resume=auto: continuing from %s", found)
         return found
     path = Path(str(resume))
-    load_checkpoint(path, allow_pickle=allow_pickle, mmap=True)  # missing, corrupt or pickled: now, not mid-setup
+    state = load_checkpoint(path, allow_pickle=allow_pickle, mmap=True)  # missing, corrupt or pickled: now, not mid-setup
+    bad = nonfinite_tensor(state.get("state_dict") or {})
+    if bad is not None:
+        raise ConfigError("resume", f"{path} holds NaN or Inf in {bad} (written as the run diverged); give an "
+                          "earlier checkpoint of the run")
     return path
 
 

@@ -1,9 +1,9 @@
 """``run(cfg)``: one kd experiment, from a composed config to ``results.json``, as a pipeline.
 
 prepare (build and check everything) -> teacher (loaded, stored or trained now) -> fit (the
-method's stages, then distillation) -> record (``results.json``, ``student.pt``) -> report
-(the deployable student: exported, measured). Each step is a function of its own; this file
-reads top to bottom.
+method's stages, then distillation) -> record (``student.pt``) -> report (the deployable student:
+exported, measured) -> complete (``results.json``, written last). Each step is a function of its
+own; this file reads top to bottom.
 """
 
 from __future__ import annotations
@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 from kd.compress.deploy import deploy_and_report
 from kd.compress.report import format_report
-from kd.errors import Diverged
+from kd.errors import Diverged, Terminated
 from kd.models.build import count_parameters
 from kd.results import STUDENT_WEIGHTS, RunRecord, save_atomic, summary_table, task_overrides
 from kd.teacher.source import Teacher, get_teacher
@@ -34,9 +35,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Runs one experiment: builds and checks everything, gets a teacher, trains, records, reports.
 
     Every input is checked before anything trains (``kd.training.prepare``). A teacher that is
-    needed but neither given nor stored is trained first (``kd.teacher.source``). A run that
-    raises leaves its record: ``results.json`` with ``status: failed`` when it diverged,
-    ``failure.json`` otherwise.
+    needed but neither given nor stored is trained first (``kd.teacher.source``). ``results.json``
+    with ``status: completed`` is written last, after every artifact: a run killed before it
+    stays resumable. A run that raises leaves its record: ``results.json`` with
+    ``status: failed`` when it diverged, ``failure.json`` otherwise.
 
     Args:
         cfg: A config composed from ``conf/train.yaml``.
@@ -47,13 +49,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     Raises:
         ConfigError: On bad input, before training starts.
         Diverged: When a loss term became NaN or Inf.
+        Terminated: On SIGTERM (exit status 143); the run stays resumable.
     """
     _quiet()
     record = RunRecord(Path(cfg.paths.output_dir), task_overrides())
     job: Job | None = None
     try:
         job = prepare(cfg)
-        record.method, record.seed = type(job.criterion).__name__, job.seed
+        record.method, record.seed, record.overrides = type(job.criterion).__name__, job.seed, job.history["overrides"]
         teacher = None
         if job.teacher is not None:
             device = job.trainer.strategy.root_device
@@ -68,22 +71,24 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             teacher_cache=teacher.cache if teacher else None, channels_last=bool(cfg.speed.channels_last),
             compile=bool(cfg.speed.compile), resume=job.resume,
         )
-        results = record_run(record, job, teacher, result)
+        record_run(record, job, teacher, result)
         if job.trainer.is_global_zero and cfg.report.enabled:
-            results = report(cfg.report, record, job, teacher, result)
+            report(cfg.report, record, job, teacher, result)
+        results = complete(record, job)
         finish_loggers(job.loggers, results)
         record.clear_failure()
         return results
+    except SIGTERMException as e:
+        stopped = terminated(record, job)
+        record_failure(record, job, stopped)
+        raise stopped from e
     except Exception as e:
         record_failure(record, job, e)
         raise
 
 
-def record_run(record: RunRecord, job: Job, teacher: Teacher | None, result: FitResult) -> dict[str, Any]:
-    """Writes the selected student's weights and the completed ``results.json``; prints the summary.
-
-    Only the first process writes; every process returns the same record.
-    """
+def record_run(record: RunRecord, job: Job, teacher: Teacher | None, result: FitResult) -> None:
+    """Writes the selected student's weights; gathers what ``results.json`` will hold (not written yet)."""
     output_dir = Path(record.run_dir)
     weights = output_dir / STUDENT_WEIGHTS
     student = result.module.student  # the compression callbacks may have replaced it
@@ -91,7 +96,7 @@ def record_run(record: RunRecord, job: Job, teacher: Teacher | None, result: Fit
     for metrics in (result.metrics, result.final_metrics):  # misclassified test images, as papers count them
         if "test/acc" in metrics:
             metrics["test/errors"] = round((1.0 - metrics["test/acc"]) * test_size)
-    fields = {
+    record.fields.update({
         "world_size": job.trainer.world_size,
         "data": {
             "name": type(job.datamodule).__name__, "num_classes": job.datamodule.num_classes,
@@ -104,19 +109,32 @@ def record_run(record: RunRecord, job: Job, teacher: Teacher | None, result: Fit
             "best_epoch": result.best_epoch, "epochs": result.epochs, "checkpoint": result.best_checkpoint,
             "metrics": result.metrics, "final_metrics": result.final_metrics,
         },
+        **({"resumes": job.history["resumes"]} if job.history["resumes"] else {}),
         "config": job.resolved,
-    }
+    })
+    if job.trainer.is_global_zero:
+        # the selected student alone, as trained: no teacher, no auxiliary modules of the method
+        save_atomic(student.state_dict(), weights)
+
+
+def complete(record: RunRecord, job: Job) -> dict[str, Any]:
+    """Writes ``results.json`` with ``status: completed``, the last file of a run; prints the summary.
+
+    Only the first process writes; every process returns the same record.
+    """
     if not job.trainer.is_global_zero:
-        return {**record.header("completed"), **fields}
-    # the selected student alone, as trained: no teacher, no auxiliary modules of the method
-    save_atomic(student.state_dict(), weights)
-    results = record.write("completed", **fields)
+        return {**record.header("completed"), **record.fields}
+    results = record.write("completed")
     print(summary_table(results), flush=True)
+    rep = results.get("report")
+    if rep is not None:
+        print(f"compression report failed: {rep['error']} (results.json has the rest)" if "error" in rep
+              else format_report(rep), flush=True)
     return results
 
 
-def report(node: DictConfig, record: RunRecord, job: Job, teacher: Teacher | None, result: FitResult) -> dict[str, Any]:
-    """Exports and measures the deployable student (``kd.compress.deploy``); adds it to ``results.json``.
+def report(node: DictConfig, record: RunRecord, job: Job, teacher: Teacher | None, result: FitResult) -> None:
+    """Exports and measures the deployable student (``kd.compress.deploy``), for ``results.json``.
 
     Training is done: a report that fails is recorded as an error, the rest of the results kept.
     """
@@ -135,12 +153,17 @@ def report(node: DictConfig, record: RunRecord, job: Job, teacher: Teacher | Non
         log.exception("the compression report failed")
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         rep = {"error": f"{type(e).__name__}: {first}"}
-    results = record.write("completed", report=rep)
-    if "error" in rep:
-        print(f"compression report failed: {rep['error']} (results.json has the rest)", flush=True)
-    else:
-        print(format_report(rep), flush=True)
-    return results
+    record.fields["report"] = rep
+
+
+def terminated(record: RunRecord, job: Job | None) -> Terminated:
+    """The error of a run stopped by SIGTERM: where it stopped, and where ``resume=auto`` continues."""
+    step = job.trainer.global_step if job is not None else 0
+    found = find_resume(record.run_dir, allow_pickle=job.allow_pickle if job is not None else False)
+    after = f"after step {step}" if step else "before its first training step"
+    then = (f"the same command with resume=auto continues from {found}" if found is not None
+            else "no checkpoint was written yet: the same command starts it again")
+    return Terminated(f"terminated by SIGTERM {after}; {then}")
 
 
 def record_failure(record: RunRecord, job: Job | None, error: BaseException) -> None:
