@@ -128,3 +128,23 @@ class Terminated(SystemExit):
 
     def __str__(self) -> str:
         return self.message
+
+
+def check_writable_dir(path: Any, key: str) -> None:
+    """Creates directory ``path`` if needed and checks that a file can be written in it.
+
+    Raises:
+        ConfigError: One line naming the path and why it cannot be used (a file, no permission).
+    """
+    import tempfile
+    from pathlib import Path
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(key, f"{path} is a file, not a directory; give a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".kd-write-check-"):
+            pass
+    except OSError as e:
+        raise ConfigError(key, f"cannot write in {path} ({e.strerror or e}); give a directory you can write to") from e

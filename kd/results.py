@@ -31,12 +31,14 @@ STUDENT_WEIGHTS = "student.pt"  # the selected student's state_dict, for deploym
 def _write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
     """Writes through ``write`` to a temporary file beside ``path``, then renames it over ``path``.
 
-    A reader sees the old file or the new one, never half of one.
+    A reader sees the old file or the new one, never half of one. The file gets the permissions
+    of any file the user creates (``0666`` less the umask).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide a shared store from colleagues
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -45,6 +47,12 @@ def _write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -92,9 +100,20 @@ class RunDirState:
         """Not finished, and it has checkpoints to continue from."""
         return self.checkpoints and not self.finished
 
-    def refusal(self, key: str) -> ConfigError | None:
-        """Why a new run may not use this directory (None when it may), as a one-line error on ``key``."""
+    def refusal(self, key: str, overrides: list[str] | None = None) -> ConfigError | None:
+        """Why a new run may not use this directory (None when it may), as a one-line error on ``key``.
+
+        Args:
+            key: The config key to blame.
+            overrides: The new run's overrides. A failed run that left checkpoints is continued
+                only by a run of the same overrides (``resume=`` aside), never by another config.
+        """
         if not self.finished:
+            if (overrides is not None and self.status == "failed" and self.checkpoints
+                    and without_resume(overrides) != without_resume(self.overrides)):
+                return ConfigError(key, f"{self.path} holds a run that failed ({self.error}) and was started with "
+                                   f"other overrides ({' '.join(self.overrides) or 'none'}); give this run a new "
+                                   "directory (hydra.run.dir=...), or rerun that run's command")
             return None
         if self.results is not None and self.results.get("status") == "failed":
             return ConfigError(key, f"{self.path} holds a run that failed ({self.error}); resuming it would fail "
@@ -103,7 +122,12 @@ class RunDirState:
                            "directory (hydra.run.dir=...)")
 
 
-def _read_json(path: Path) -> tuple[dict[str, Any] | None, str]:
+def without_resume(overrides: list[str]) -> list[str]:
+    """Overrides as a run's identity: sorted, ``resume=...`` left out."""
+    return sorted(o for o in overrides if not o.lstrip("+~").startswith("resume="))
+
+
+def read_json(path: Path) -> tuple[dict[str, Any] | None, str]:
     """A JSON object from ``path``, or None and why not."""
     try:
         data = json.loads(path.read_text())
@@ -134,7 +158,7 @@ def run_dir_state(run_dir: str | Path) -> RunDirState:
     checkpoints = any((run_dir / "checkpoints").glob("*.ckpt"))
     state = partial(RunDirState, run_dir, overrides=overrides, checkpoints=checkpoints)
     if (run_dir / RESULTS_FILE).is_file():
-        results, why = _read_json(run_dir / RESULTS_FILE)
+        results, why = read_json(run_dir / RESULTS_FILE)
         if results is None:
             return state("failed", error=f"unreadable {RESULTS_FILE}: {why}")
         if results.get("status") == "completed":
@@ -143,7 +167,7 @@ def run_dir_state(run_dir: str | Path) -> RunDirState:
             "failed" if results.get("status") == "failed" else f"{RESULTS_FILE} has status {results.get('status')!r}")
         return state("failed", results, error)
     if (run_dir / FAILURE_FILE).is_file():
-        failure, _ = _read_json(run_dir / FAILURE_FILE)
+        failure, _ = read_json(run_dir / FAILURE_FILE)
         if failure is None:
             return state("failed", error=f"unreadable {FAILURE_FILE}")
         return state("failed", error=failure.get("error"), overrides=list(failure.get("overrides") or overrides))

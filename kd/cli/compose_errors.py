@@ -16,7 +16,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from kd.errors import ConfigError
+from kd.errors import ConfigError, Diverged
 
 SHOWN = 30  # choices listed at most
 
@@ -63,12 +63,17 @@ def composition_error(e: BaseException) -> ConfigError | None:
 def run_app(main: Callable[[], Any], prog: str) -> None:
     """Runs a ``@hydra.main`` function, turning composition errors into one line and exit status 2.
 
-    Any other error a run raised (in a sweep: the first failed job's, after the sweep) is printed
-    with its whole traceback, exit status 1, as Hydra does with ``HYDRA_FULL_ERROR=1``.
+    A sweep whose jobs failed with kd's own errors (printed as one line each as they failed) ends
+    with one more line, not Hydra's traceback. Any other error a run raised is printed with its
+    whole traceback, exit status 1, as Hydra does with ``HYDRA_FULL_ERROR=1``.
     """
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its errors rather than printing them
     try:
         main()
+    except (ConfigError, Diverged) as e:  # a sweep's job: its line is printed; Hydra raises the first again
+        print(f"{prog}: a job of the sweep failed ({type(e).__name__}, above); the others ran. `kd-table <sweep dir>` "
+              "lists every job, the failed ones too", file=sys.stderr, flush=True)
+        sys.exit(2 if isinstance(e, ConfigError) else 1)
     except Exception as e:  # noqa: BLE001
         message = composition_error(e)
         if message is None:

@@ -9,7 +9,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, read_write
 
-from kd.results import RESULTS_FILE, keep_first_hydra_record, run_dir_state
+from kd.errors import ConfigError, check_writable_dir
+from kd.results import RESULTS_FILE, keep_first_hydra_record, run_dir_state, without_resume
 
 
 class RefuseUsedRunDir(Callback):
@@ -21,9 +22,11 @@ class RefuseUsedRunDir(Callback):
     """
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self._refuse(Path(config.hydra.run.dir), "hydra.run.dir")
+        self._writable(Path(config.hydra.run.dir), "hydra.run.dir")
+        self._refuse(Path(config.hydra.run.dir), "hydra.run.dir", list(config.hydra.overrides.task))
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._writable(Path(config.hydra.sweep.dir), "hydra.sweep.dir")
         if str(config.get("resume")) == "auto":  # an interrupted sweep again: kd-train skips the finished jobs
             return
         sweep = Path(config.hydra.sweep.dir)
@@ -32,25 +35,30 @@ class RefuseUsedRunDir(Callback):
             self._refuse(found.parent, "hydra.sweep.dir")
 
     @staticmethod
-    def _refuse(run_dir: Path, key: str) -> None:
-        refused = run_dir_state(run_dir).refusal(key)
+    def _writable(run_dir: Path, key: str) -> None:
+        """Hydra creates the directory next, with a traceback when it cannot: one line instead."""
+        try:
+            check_writable_dir(run_dir, key)
+        except ConfigError as e:
+            print(f"kd-train: error: {e} (runs go under paths.root: KD_OUTPUT_ROOT)", file=sys.stderr, flush=True)
+            sys.exit(2)
+
+    @staticmethod
+    def _refuse(run_dir: Path, key: str, overrides: list[str] | None = None) -> None:
+        refused = run_dir_state(run_dir).refusal(key, overrides)
         if refused is not None:
             print(f"kd-train: error: {refused}", file=sys.stderr, flush=True)
             sys.exit(2)
 
 
-def _without_resume(overrides: list[str]) -> list[str]:
-    return sorted(o for o in overrides if not o.lstrip("+~").startswith("resume="))
-
-
 def find_unfinished_run(runs: Path, overrides: list[str]) -> Path | None:
     """The newest resumable run directory under ``runs`` (checkpoints, no ``results.json``)
     started with ``overrides`` (``resume=`` aside)."""
-    want = _without_resume(overrides)
+    want = without_resume(overrides)
     found = []
     for saved in runs.glob("*/*/.hydra/overrides.yaml") if runs.is_dir() else []:
         state = run_dir_state(saved.parent.parent)
-        if state.resumable and _without_resume(state.overrides) == want:
+        if state.resumable and without_resume(state.overrides) == want:
             found.append(state.path)
     return max(found, key=lambda d: d.stat().st_mtime) if found else None
 

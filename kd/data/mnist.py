@@ -8,6 +8,8 @@ selection never sees the test set. Read with ``torchvision.datasets.MNIST`` from
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from kd.data.splits import SplitDataModule
@@ -15,6 +17,33 @@ from kd.data.views import ImageViews, PadCrop
 from kd.errors import ConfigError, check_int
 
 MEAN, STD = 0.1307, 0.3081  # of the MNIST training images, in [0, 1]
+
+
+def check_idx(path: Path) -> int:
+    """Checks an idx file (LeCun's format: a magic number giving the element type and the number of
+    dimensions, the dimensions, then the data) holds exactly the data its header announces.
+
+    Returns:
+        Its first dimension: the number of images or labels.
+
+    Raises:
+        ConfigError: Naming the file, with the size its header implies and the size found.
+    """
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        header = f.read(4)
+        ndim = header[3] if len(header) == 4 else 0
+        dims_bytes = f.read(4 * ndim)
+    itemsize = {0x08: 1, 0x09: 1, 0x0B: 2, 0x0C: 4, 0x0D: 4, 0x0E: 8}.get(header[2] if len(header) == 4 else -1)
+    if len(header) < 4 or header[:2] != b"\x00\x00" or itemsize is None or not 1 <= ndim <= 3 or len(dims_bytes) < 4 * ndim:
+        raise ConfigError("data.root", f"MNIST is corrupt: {path} is not an idx file ({size} bytes, no valid header); "
+                          "replace it (data.download=true fetches it)")
+    dims = [int.from_bytes(dims_bytes[4 * i: 4 * i + 4], "big") for i in range(ndim)]
+    expected = 4 + 4 * ndim + itemsize * int(np.prod(dims))
+    if size != expected:
+        raise ConfigError("data.root", f"MNIST is corrupt: {path} is {size} bytes, its header ({' x '.join(map(str, dims))}) "
+                          f"needs {expected}; replace it (data.download=true fetches it)")
+    return dims[0]
 
 
 class MNISTDataModule(SplitDataModule):
@@ -71,6 +100,14 @@ class MNISTDataModule(SplitDataModule):
     def _load(self, train: bool):  # noqa: ANN202 - a torchvision MNIST
         from torchvision.datasets import MNIST
 
+        raw = Path(self.root) / "MNIST" / "raw"
+        prefix = "train" if train else "t10k"
+        images, labels = raw / f"{prefix}-images-idx3-ubyte", raw / f"{prefix}-labels-idx1-ubyte"
+        if images.is_file() and labels.is_file():  # present: then it must be whole
+            n_images, n_labels = check_idx(images), check_idx(labels)
+            if n_images != n_labels:
+                raise ConfigError("data.root", f"MNIST is corrupt: {images} holds {n_images} images but {labels} "
+                                  f"{n_labels} labels; replace both (data.download=true fetches them)")
         try:
             return MNIST(self.root, train=train, download=self.download)
         except RuntimeError as e:

@@ -49,7 +49,7 @@ import torch
 from filelock import FileLock
 from torch import Tensor
 
-from kd.errors import ConfigError, check_int
+from kd.errors import ConfigError, check_int, check_writable_dir
 from kd.models.features import FeatureExtractor
 from kd.outputs import ModelOutput
 
@@ -316,7 +316,7 @@ def open_cache(
                 "multi-process launch; run the same command once on a single device first, or set "
                 "teacher_cache.enabled=false"
             )
-        root.mkdir(parents=True, exist_ok=True)
+        check_writable_dir(root, "teacher_cache.dir")
         with FileLock(str(root / f"{name}.lock")):
             if not (entry / "meta.json").is_file():  # another run may have built it meanwhile
                 _build(teacher, dataset, entry, keyed, dtype=dtype, top_k=top_k, batch_size=batch_size,

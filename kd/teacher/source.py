@@ -36,7 +36,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from filelock import FileLock
+from filelock import FileLock, Timeout
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
@@ -45,13 +45,14 @@ from torch import nn
 
 import kd
 from kd.data.protocol import ViewData
-from kd.errors import ConfigError, instantiate_checked
+from kd.errors import ConfigError, check_writable_dir, instantiate_checked
 from kd.models.build import build_model, count_parameters, model_node
 from kd.models.features import FeatureExtractor
 from kd.models.pretrained import pretrained_source
 from kd.models.weights import load_weights
-from kd.results import write_json_atomic
+from kd.results import read_json, save_atomic, write_json_atomic
 from kd.teacher.cache import TeacherCache, open_cache
+from kd.training.checkpoints import SafeCheckpointIO
 from kd.training.fit import build_optimization, evaluate, fit
 from kd.training.module import DistillationModule
 
@@ -262,12 +263,24 @@ def resolve_teacher(
             )
         optimization = build_optimization(tcfg, prefix="teacher.recipe.")
         _teacher_trainer(tcfg, "teacher.recipe.trainer", logger=False, enable_checkpointing=False)
-        store.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(store / f"{key}.lock")):
+        check_writable_dir(store, "teacher.store_dir")
+        lock = FileLock(str(store / f"{key}.lock"))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            log.warning("waiting for another run, which is training teacher %s (lock %s)", key, lock.lock_file)
+            lock.acquire()
+        try:
             if not (entry / "meta.json").is_file():  # another run may have trained it meanwhile
                 _train_into_store(tcfg, keyed, entry, optimization)
                 trained = True
-    meta = json.loads((entry / "meta.json").read_text())
+        finally:
+            lock.release()
+    meta, why = read_json(entry / "meta.json")
+    if meta is None or not isinstance(meta.get("metrics"), dict):
+        raise ConfigError("teacher.store_dir", f"the store entry {entry} is damaged: its meta.json "
+                          f"{f'cannot be read ({why})' if why else 'has no metrics'}; delete {entry} and the "
+                          "teacher is trained again")
     load_weights(net, entry / "teacher.pt", key=f"teacher store entry {entry}")
     if not trained:
         log.info(
@@ -324,13 +337,13 @@ def _train_into_store(
     )
     trainer = _teacher_trainer(
         tcfg, "teacher.recipe.trainer", callbacks=[checkpoint],
-        logger=[CSVLogger(str(run_dir), name="csv", version="")],
+        logger=[CSVLogger(str(run_dir), name="csv", version="")], plugins=[SafeCheckpointIO()],
     )
     result = fit(
         student=net, criterion=instantiate(tcfg.distill), datamodule=datamodule, teacher=None,
         trainer=trainer, optimization=optimization,
     )
-    torch.save(result.module.student.state_dict(), tmp / "teacher.pt")
+    save_atomic(result.module.student.state_dict(), tmp / "teacher.pt")
     meta = {
         "key": entry.name,
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),

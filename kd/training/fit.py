@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from kd.compress.base import compressions
-from kd.errors import ConfigError, instantiate_checked
+from kd.errors import ConfigError, check_int, instantiate_checked
 from kd.losses.base import DistillationLoss
 from kd.models.features import FeatureExtractor
 from kd.models.weights import load_checkpoint, state_dict_mismatch
@@ -63,8 +63,10 @@ def build_optimization(cfg: DictConfig, prefix: str = "") -> tuple[Callable[...,
         prefix: Where those nodes sit, for error messages (``teacher.recipe.``).
 
     Raises:
-        ConfigError: When either cannot be built or used.
+        ConfigError: When either cannot be built or used, or the epochs are not an integer >= 1.
     """
+    epochs = cfg.trainer.max_epochs
+    check_int(f"{prefix}max_epochs" if prefix else "trainer.max_epochs", epochs, 1, valid=">= 1")
     optimizer = instantiate_checked(cfg.optimizer, f"{prefix}optimizer")
     node = cfg.get("scheduler")
     scheduler = instantiate_checked(node, f"{prefix}scheduler") if node else None
@@ -76,7 +78,7 @@ def build_optimization(cfg: DictConfig, prefix: str = "") -> tuple[Callable[...,
     if scheduler is not None:
         try:
             sched = scheduler(opt)
-            for _ in range(int(cfg.trainer.max_epochs or 1)):
+            for _ in range(epochs):
                 opt.step()
                 sched.step()
         except Exception as e:

@@ -88,7 +88,7 @@ def prepare(cfg: DictConfig) -> Job:
         ConfigError: On bad input, naming the key; nothing has trained or been written.
     """
     output_dir = Path(cfg.paths.output_dir)
-    refused = run_dir_state(output_dir).refusal("paths.output_dir")
+    refused = run_dir_state(output_dir).refusal("paths.output_dir", task_overrides())
     if refused:
         raise refused
     allow_pickle = bool(OmegaConf.select(cfg, "checkpoint.allow_pickle", default=False))

@@ -19,9 +19,9 @@ from omegaconf import DictConfig
 
 from kd.compress.deploy import deploy_and_report
 from kd.compress.report import format_report
-from kd.errors import Diverged, Terminated
+from kd.errors import ConfigError, Diverged, Terminated
 from kd.models.build import count_parameters
-from kd.results import STUDENT_WEIGHTS, RunRecord, save_atomic, summary_table, task_overrides
+from kd.results import STUDENT_WEIGHTS, RunRecord, run_dir_state, save_atomic, summary_table, task_overrides
 from kd.teacher.source import Teacher, get_teacher
 from kd.training.checkpoints import find_resume
 from kd.training.fit import FitResult, fit
@@ -172,9 +172,13 @@ def record_failure(record: RunRecord, job: Job | None, error: BaseException) -> 
     A divergence is a finished run: ``results.json`` with ``status: failed``, the term and step,
     and the last good checkpoint (``kd-table`` lists it as failed; the directory is not reused).
     Any other error leaves ``failure.json``, so a sweep's table lists the job and the same
-    command can run again in the directory once the cause is fixed.
+    command can run again in the directory once the cause is fixed; except a start refused
+    before it trained in a directory whose run has checkpoints (a resume with other settings):
+    that run stays as it was, resumable.
     """
     abort_wandb_run()
+    if job is None and isinstance(error, ConfigError) and run_dir_state(record.run_dir).checkpoints:
+        return  # a start refused before it trained: the run it would have continued is recorded as it was
     if isinstance(error, Diverged) and job is not None and job.trainer.is_global_zero:
         last_good = find_resume(record.run_dir, allow_pickle=job.allow_pickle)
         record.write("failed", error=str(error), diverged=error.as_dict(), last_good_checkpoint=str(last_good or ""),
