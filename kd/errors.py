@@ -148,3 +148,43 @@ def check_writable_dir(path: Any, key: str) -> None:
             pass
     except OSError as e:
         raise ConfigError(key, f"cannot write in {path} ({e.strerror or e}); give a directory you can write to") from e
+
+
+class NoSpace(ConfigError):
+    """A file kd writes does not fit on its disk: nothing was written (the previous file stays whole).
+
+    Args:
+        path: The file.
+        needed: Its size in bytes.
+        free: The bytes free on its disk.
+    """
+
+    def __init__(self, path: Any, needed: int, free: int) -> None:
+        self.path, self.needed, self.free = path, int(needed), int(free)
+        super().__init__("disk", f"no space left for {path}: it needs {_size(needed)}, {_size(free)} is free there; "
+                         "free some space, or write elsewhere (paths.root: KD_OUTPUT_ROOT; teacher.store_dir)")
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
+
+
+class UnreadableFile(ConfigError):
+    """A data file that cannot be read, found when it is first read (a DataLoader worker included).
+
+    Built from one string, ``"<key>: <message>"``, as a DataLoader re-raises a worker's error in
+    the main process: then the string is the worker's traceback, whose last line is this error's.
+
+    Args:
+        text: ``"<key>: <message>"``, or a worker's traceback ending with that.
+    """
+
+    def __init__(self, text: str) -> None:
+        last = text.strip().splitlines()[-1] if text.strip() else text
+        if "Traceback" in text:  # "kd.errors.UnreadableFile: data.root: ..."
+            last = last.split(": ", 1)[-1]
+        key, _, message = last.partition(": ")
+        super().__init__(key, message)

@@ -8,6 +8,8 @@ Files are written atomically: a reader sees the old file or the new one, never h
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
 import shutil
@@ -21,7 +23,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from kd.errors import ConfigError
+from kd.errors import ConfigError, NoSpace
 
 RESULTS_FILE = "results.json"
 FAILURE_FILE = "failure.json"  # a run that raised: what failed, so a sweep's table can list it
@@ -31,19 +33,34 @@ STUDENT_WEIGHTS = "student.pt"  # the selected student's state_dict, for deploym
 def _write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
     """Writes through ``write`` to a temporary file beside ``path``, then renames it over ``path``.
 
-    A reader sees the old file or the new one, never half of one. The file gets the permissions
-    of any file the user creates (``0666`` less the umask).
+    A reader sees the old file or the new one, never half of one. The content is built in memory
+    first, so a disk without room for it is found before anything is written. The file gets the
+    permissions of any file the user creates (``0666`` less the umask).
+
+    Raises:
+        NoSpace: When the disk has no room for the file (before writing, or when it fills meanwhile).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    write(buffer)
+    data = buffer.getbuffer()
+    free = shutil.disk_usage(path.parent).free
+    if len(data) > free:
+        raise NoSpace(path, len(data), free)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide a shared store from colleagues
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise NoSpace(path, len(data), shutil.disk_usage(path.parent).free) from e
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -288,7 +305,7 @@ class RunRecord:
         }
         try:
             write_json_atomic(run_dir / FAILURE_FILE, record)
-        except OSError:
+        except (OSError, NoSpace):
             return None
         return run_dir / FAILURE_FILE
 

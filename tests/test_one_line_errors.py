@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 import struct
 from pathlib import Path
@@ -156,3 +157,49 @@ def test_files_kd_writes_follow_the_umask(tmp_path: Path) -> None:
     assert stat.S_IMODE((tmp_path / "a.pt").stat().st_mode) == 0o644
     assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o644
     assert stat.S_IMODE((tmp_path / "b.json").stat().st_mode) == 0o600
+
+
+
+@pytest.mark.parametrize("full", ["run", "teacher training"])
+def test_a_full_disk_is_one_line_naming_the_file_and_the_sizes(cli, tmp_path: Path, capsys, monkeypatch, full) -> None:
+    run, store = tmp_path / "run", tmp_path / "store"
+    full_dir = run if full == "run" else store
+    real = shutil.disk_usage
+
+    def usage(path):  # noqa: ANN001, ANN202 - shutil's signature
+        found = real(path)
+        is_full = Path(path).name == "checkpoints" and full_dir in Path(path).parents
+        return found._replace(free=1000) if is_full else found
+
+    monkeypatch.setattr(shutil, "disk_usage", usage)
+    code = cli("report.enabled=false", "trainer.max_epochs=1", "checkpoint.every_n_train_steps=2",
+               "+trainer.limit_train_batches=3", "teacher.recipe.max_epochs=1",
+               "+teacher.recipe.trainer.limit_train_batches=2", f"teacher.store_dir={store}", f"hydra.run.dir={run}")
+    assert code == 2
+    (line,) = error_lines(capsys)
+    where = run / "checkpoints" / "resume-step2.ckpt" if full == "run" else "/checkpoints/epoch000-step2.ckpt"
+    assert line.startswith("kd-train: error: disk: no space left for ") and f"{where}: it needs " in line, line
+    assert line.endswith(", 1.0 kB is free there; free some space, or write elsewhere (paths.root: KD_OUTPUT_ROOT; "
+                         "teacher.store_dir)"), line
+    assert not [p for p in full_dir.rglob("*.ckpt")] and not [p for p in full_dir.rglob("*.tmp")]  # nothing half-written
+    assert json.loads((run / FAILURE_FILE).read_text())["error"].startswith("NoSpace: disk: no space left for ")
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_an_unreadable_image_is_named_when_it_is_first_read(tmp_path: Path, workers: int) -> None:
+    from datagen import write_image_folder
+
+    from kd.data.imagenet import ImageNetDataModule
+
+    root = write_image_folder(tmp_path / "imagenet")
+    bad = sorted((root / "train").rglob("*.JPEG"))[0]
+    bad.write_text("not an image\n")
+    data = ImageNetDataModule(root=str(root), num_classes=3, val_per_class=1, batch_size=64, num_workers=workers,
+                              image_size=16)
+    data.setup("fit")
+    with pytest.raises(ConfigError) as e:
+        for loader in (data.train_dataloader(), data.val_dataloader()):
+            for _ in loader:
+                pass
+    assert str(e.value).startswith(f"data.root: {bad} cannot be read as an image (UnidentifiedImageError: ")
+    assert str(e.value).endswith("; remove or replace it") and "\n" not in str(e.value)

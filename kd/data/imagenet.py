@@ -44,7 +44,7 @@ from torchvision.transforms import v2
 from kd.data.crops import MEAN, STD, CropViews, crop_seed  # noqa: F401 (re-exported)
 from kd.data.order import Key, forked_seed, split_key
 from kd.data.splits import SplitDataModule
-from kd.errors import ConfigError, check_int
+from kd.errors import ConfigError, UnreadableFile, check_int
 
 SPLITS = ("train", "val")
 # The official file names, which torchvision.datasets.ImageNet also expects.
@@ -80,7 +80,11 @@ class IndexedImages(Dataset):
         draws come from ``seed`` alone."""
         i, seed = split_key(key)
         path, target = self.folder.samples[int(self.indices[i])]
-        image = self.folder.loader(path)
+        try:
+            image = self.folder.loader(path)
+        except (OSError, ValueError, SyntaxError) as e:  # PIL: UnidentifiedImageError (an OSError), truncated data
+            raise UnreadableFile(f"data.root: {path} cannot be read as an image ({type(e).__name__}: "
+                                 f"{str(e).splitlines()[0] if str(e) else ''}); remove or replace it") from e
         with forked_seed(seed):
             x = self.transform(image)
         return {"input": x, "target": target, "index": i}
