@@ -130,8 +130,13 @@ class Terminated(SystemExit):
         return self.message
 
 
-def check_writable_dir(path: Any, key: str) -> None:
+def check_writable_dir(path: Any, key: str, keep: bool = True) -> None:
     """Creates directory ``path`` if needed and checks that a file can be written in it.
+
+    Args:
+        path: The directory.
+        key: The config key that names it, for the message.
+        keep: False: the directories this check created are removed again (the caller may still stop).
 
     Raises:
         ConfigError: One line naming the path and why it cannot be used (a file, no permission).
@@ -142,12 +147,19 @@ def check_writable_dir(path: Any, key: str) -> None:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ConfigError(key, f"{path} is a file, not a directory; give a directory")
+    created = [p for p in (path, *path.parents) if not p.exists()]
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".kd-write-check-"):
             pass
     except OSError as e:
         raise ConfigError(key, f"cannot write in {path} ({e.strerror or e}); give a directory you can write to") from e
+    finally:
+        for p in [] if keep else created:
+            try:
+                p.rmdir()
+            except OSError:
+                pass
 
 
 class NoSpace(ConfigError):

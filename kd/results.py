@@ -196,34 +196,48 @@ def run_dir_state(run_dir: str | Path) -> RunDirState:
 HYDRA_FILES = ("config.yaml", "hydra.yaml", "overrides.yaml")
 
 
+def save_first_hydra_record(run_dir: Path, hydra_dir: Path) -> None:
+    """Before Hydra starts a command again in a directory where a run trained, copies that run's
+    ``.hydra/`` files to ``attempts/1/``: Hydra is about to write over them.
+
+    A directory without checkpoints (no start trained there) is left alone, and so is one whose
+    first record was saved already. See ``keep_first_hydra_record`` for the other half.
+    """
+    hydra_dir, first = Path(hydra_dir), Path(hydra_dir) / "attempts" / "1"
+    if first.is_dir() or not any((Path(run_dir) / "checkpoints").glob("*.ckpt")):
+        return
+    for path in (hydra_dir / n for n in HYDRA_FILES):
+        if path.is_file():
+            data = path.read_bytes()
+            _write_atomic(first / path.name, lambda f, data=data: f.write(data))
+
+
 def keep_first_hydra_record(run_dir: Path, hydra_dir: Path) -> None:
     """Keeps the ``.hydra/`` files of the start that trained when a command runs again in its directory.
 
     Hydra writes ``config.yaml``, ``hydra.yaml`` and ``overrides.yaml`` into ``hydra_dir`` at
-    every start, a resume included, over the record of the run that trained there. Each start's
-    files are kept in ``attempts/<k>/``; when the directory holds checkpoints (an earlier start
-    trained), the files of ``attempts/1/`` are put back in ``hydra_dir``: what the run was started
-    with is never overwritten. Starts that left no checkpoint (refused, or killed before the first)
-    are forgotten: the next start is the first.
+    every start, a resume included, over the record of the run that trained there. When
+    ``save_first_hydra_record`` saved that record in ``attempts/1/`` (the directory held
+    checkpoints), this start's files are kept in ``attempts/<k>/`` and those of ``attempts/1/`` put
+    back: what the run was started with is never overwritten. A directory where no start trained
+    has no ``attempts/``: starts that left no checkpoint are forgotten, the next start is the first.
     """
     hydra_dir = Path(hydra_dir)
-    written = [hydra_dir / n for n in HYDRA_FILES if (hydra_dir / n).is_file()]
-    if not written:
-        return
     attempts = hydra_dir / "attempts"
-    trained = any((Path(run_dir) / "checkpoints").glob("*.ckpt"))
-    if not trained and attempts.is_dir():
+    if not attempts.is_dir():
+        return
+    if not any((Path(run_dir) / "checkpoints").glob("*.ckpt")):
         shutil.rmtree(attempts)
-    done = sorted(int(p.name) for p in attempts.iterdir() if p.name.isdigit()) if attempts.is_dir() else []
-    this = attempts / str(done[-1] + 1 if done else 1)
-    this.mkdir(parents=True, exist_ok=True)
-    for path in written:
-        data = path.read_bytes()
-        _write_atomic(this / path.name, lambda f, data=data: f.write(data))
-    if done:
-        for path in (attempts / "1").iterdir():
+        return
+    done = sorted(int(p.name) for p in attempts.iterdir() if p.name.isdigit())
+    this = attempts / str(done[-1] + 1)
+    for path in (hydra_dir / n for n in HYDRA_FILES):
+        if path.is_file():
             data = path.read_bytes()
-            _write_atomic(hydra_dir / path.name, lambda f, data=data: f.write(data))
+            _write_atomic(this / path.name, lambda f, data=data: f.write(data))
+    for path in (attempts / "1").iterdir():
+        data = path.read_bytes()
+        _write_atomic(hydra_dir / path.name, lambda f, data=data: f.write(data))
 
 
 def task_overrides() -> list[str]:

@@ -120,3 +120,49 @@ def test_a_diverged_runs_last_good_checkpoint_holds_finite_weights(cli, tmp_path
     assert set(states) - finite, "the run wrote no checkpoint with NaN weights: the test shows nothing"
     good = results["last_good_checkpoint"]
     assert (Path(good) in finite) if good else not finite
+
+
+def test_a_checkpoint_resumed_in_another_directory_keeps_its_settings_not_its_paths(tmp_path: Path) -> None:
+    from kd.errors import ConfigError
+    from kd.training.checkpoints import resume_changes
+
+    def config(root: str, lr: float) -> dict:
+        return {"trainer": {"default_root_dir": root, "max_epochs": 3},
+                "callbacks": {"model_checkpoint": {"dirpath": f"{root}/checkpoints"}},
+                "data": {"root": "/data/cifar"}, "optimizer": {"lr": lr}}
+
+    ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    changed = resume_changes(ckpt, config("/runs/a", 0.1), config("/runs/b", 0.1))
+    assert changed == {"trainer.default_root_dir": ["/runs/a", "/runs/b"]}
+    saved = config("/runs/a", 0.1)
+    saved["data"]["root"] = "/runs/a-data"  # a prefix of the run dir's name is not under it
+    try:
+        resume_changes(ckpt, saved, config("/runs/b", 0.2))
+    except ConfigError as e:
+        assert "data.root='/runs/a-data' (now '/data/cifar'), optimizer.lr=0.1 (now 0.2)" in str(e)
+        assert "callbacks.model_checkpoint.dirpath" not in str(e)
+    else:
+        raise AssertionError("a changed lr was accepted")
+
+
+def test_each_sweep_job_resumed_keeps_the_record_of_its_first_start(tmp_path: Path) -> None:
+    from kd.results import keep_first_hydra_record, save_first_hydra_record
+
+    def start(job: Path, overrides: str) -> None:  # what Hydra does at each start, around KeepFirstRecord
+        save_first_hydra_record(job, job / ".hydra")
+        (job / ".hydra").mkdir(parents=True, exist_ok=True)
+        (job / ".hydra" / "overrides.yaml").write_text(overrides)
+        keep_first_hydra_record(job, job / ".hydra")
+
+    trained, refused = tmp_path / "0", tmp_path / "1"
+    start(trained, "- seed=0\n")
+    start(refused, "- seed=1\n")
+    assert not (trained / ".hydra" / "attempts").exists()  # a first start keeps no copies
+    (trained / "checkpoints").mkdir()
+    (trained / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    start(trained, "- seed=0\n- resume=auto\n")
+    start(refused, "- seed=1\n- resume=auto\n")  # no checkpoint: this start is the first
+    assert (trained / ".hydra" / "overrides.yaml").read_text() == "- seed=0\n"
+    assert (trained / ".hydra" / "attempts" / "2" / "overrides.yaml").read_text() == "- seed=0\n- resume=auto\n"
+    assert (refused / ".hydra" / "overrides.yaml").read_text() == "- seed=1\n- resume=auto\n"
+    assert not (refused / ".hydra" / "attempts").exists()

@@ -117,6 +117,10 @@ def test_an_interrupted_sweep_run_again_with_resume_auto_resumes_its_job_and_ski
     assert f"resume=auto: continuing from {sweep / '0' / 'checkpoints' / 'resume-step4.ckpt'}" in out
     assert f"resume=auto: {sweep / '1'} has no readable checkpoint; starting from scratch" in out
     finished = {n: (sweep / n / RESULTS_FILE).read_bytes() for n in "01"}
+    record = sweep / "0" / ".hydra"  # the job that trained keeps its first start's record
+    assert "resume=auto" not in (record / "overrides.yaml").read_text()
+    assert "resume=auto" in (record / "attempts" / "2" / "overrides.yaml").read_text()
+    assert not (sweep / "1" / ".hydra" / "attempts").exists()
     assert all(json.loads(f)["status"] == "completed" for f in finished.values())
 
     code, out = kd_train(tmp_path, *args, "resume=auto")  # once more: nothing is redone

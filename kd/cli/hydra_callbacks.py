@@ -10,7 +10,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, read_write
 
 from kd.errors import ConfigError, check_writable_dir
-from kd.results import RESULTS_FILE, keep_first_hydra_record, run_dir_state, without_resume
+from kd.results import RESULTS_FILE, keep_first_hydra_record, run_dir_state, save_first_hydra_record, without_resume
 
 
 class RefuseUsedRunDir(Callback):
@@ -38,7 +38,7 @@ class RefuseUsedRunDir(Callback):
     def _writable(run_dir: Path, key: str) -> None:
         """Hydra creates the directory next, with a traceback when it cannot: one line instead."""
         try:
-            check_writable_dir(run_dir, key)
+            check_writable_dir(run_dir, key, keep=False)
         except ConfigError as e:
             print(f"kd-train: error: {e} (runs go under paths.root: KD_OUTPUT_ROOT)", file=sys.stderr, flush=True)
             sys.exit(2)
@@ -82,13 +82,28 @@ class ResumeRunDir(Callback):
 
 
 class KeepFirstRecord(Callback):
-    """Hydra rewrites ``.hydra/`` at every start in a run directory (a resume too): each start's files
-    are kept in ``.hydra/attempts/<k>/``, and those of the start that trained put back
-    (``keep_first_hydra_record``).
-
-    Runs in ``on_job_start``, right after Hydra wrote them, before kd's code; a DDP rank that
-    Lightning started writes no ``.hydra/`` (``hydra.output_subdir=null``).
+    """Hydra rewrites ``.hydra/`` at every start in a run directory (a resume too). Where a run
+    trained already, its files are saved in ``.hydra/attempts/1/`` before Hydra writes
+    (``on_run_start``, after ``ResumeRunDir`` chose the directory; ``on_multirun_start`` for every job
+    of a sweep resumed with ``resume=auto``); after, this start's files go to
+    ``.hydra/attempts/<k>/`` and those of the first put back (``on_job_start``, before kd's code).
+    A first run has no ``attempts/``. A DDP rank that Lightning started writes no ``.hydra/``
+    (``hydra.output_subdir=null``).
     """
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        subdir = config.hydra.output_subdir
+        if subdir is not None:
+            run_dir = Path(str(config.hydra.run.dir))
+            save_first_hydra_record(run_dir, run_dir / str(subdir))
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        subdir, sweep = config.hydra.output_subdir, Path(str(config.hydra.sweep.dir))
+        if subdir is None or str(config.get("resume")) != "auto" or not sweep.is_dir():
+            return
+        for hydra_dir in sweep.rglob(str(subdir)):
+            if (hydra_dir / "overrides.yaml").is_file():
+                save_first_hydra_record(hydra_dir.parent, hydra_dir)
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         subdir = config.hydra.output_subdir

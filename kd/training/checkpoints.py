@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +118,19 @@ def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: node}
 
 
+RUN_DIR_KEY = "trainer.default_root_dir"  # the run directory, which every other run path lies under
+
+
+def _moved_run_dir(before: dict[str, Any], now: dict[str, Any]) -> Callable[[Any], Any]:
+    """Maps a saved value to what it is when the run directory is the new one: a checkpoint resumed
+    in another directory (``checkpoint.resume_from``) keeps its settings, not its paths."""
+    old, new = before.get(RUN_DIR_KEY), now.get(RUN_DIR_KEY)
+    if not isinstance(old, str) or not isinstance(new, str) or old == new:
+        return lambda v: v
+    old, new = old.rstrip("/"), new.rstrip("/")
+    return lambda v: new + v[len(old):] if isinstance(v, str) and (v == old or v.startswith(old + "/")) else v
+
+
 def resume_changes(path: Path, saved: dict[str, Any] | None, config: dict[str, Any]) -> dict[str, list[Any]]:
     """What differs between the config that wrote checkpoint ``path`` and ``config``, which resumes from it.
 
@@ -136,8 +150,12 @@ def resume_changes(path: Path, saved: dict[str, Any] | None, config: dict[str, A
         log.warning("resume: %s does not record the settings it was trained with; they cannot be compared", path)
         return {}
     before, now = _flat(saved), _flat(config)
-    changed = {k: [before.get(k), now.get(k)] for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)}
+    moved = _moved_run_dir(before, now)
+    changed = {k: [before.get(k), now.get(k)] for k in sorted(set(before) | set(now))
+               if moved(before.get(k)) != now.get(k)}
     allowed = {k: v for k, v in changed.items() if any(k == p or k.startswith(p + ".") for p in MAY_CHANGE_ON_RESUME)}
+    if before.get(RUN_DIR_KEY) != now.get(RUN_DIR_KEY):
+        allowed[RUN_DIR_KEY] = [before.get(RUN_DIR_KEY), now.get(RUN_DIR_KEY)]
     refused = [f"{k}={v[0]!r} (now {v[1]!r})" for k, v in changed.items() if k not in allowed]
     if refused:
         more = f", +{len(refused) - 6} more" if len(refused) > 6 else ""
