@@ -3,6 +3,8 @@ stopped by SIGTERM (``Terminated``)."""
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
 from typing import Any
 
 
@@ -29,6 +31,19 @@ class ConfigError(ValueError):
         if not prefix or self.key.startswith(prefix + ".") or self.key == prefix:
             return self
         return ConfigError(f"{prefix}.{self.key}", self.message)
+
+
+def closest_names(name: str, names: Iterable[str], n: int = 3) -> list[str]:
+    """The ``n`` names nearest ``name``: those it begins or is part of (``_``/``-`` and case aside,
+    shortest first), then difflib's closest. For "did you mean" in messages."""
+    names = list(dict.fromkeys(names))
+
+    def plain(s: str) -> str:
+        return s.lower().replace("_", "").replace("-", "")
+
+    want = plain(name)
+    part = sorted((m for m in names if want and want in plain(m)), key=lambda m: (not plain(m).startswith(want), len(m), m))
+    return list(dict.fromkeys([*part, *difflib.get_close_matches(name, names, n=n)]))[:n]
 
 
 def check_int(

@@ -72,6 +72,11 @@ def _umask() -> int:
     return mask
 
 
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Writes ``data`` to ``path`` atomically."""
+    _write_atomic(path, lambda f: f.write(data))
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     """Writes ``data`` as JSON to ``path`` atomically."""
     text = json.dumps(data, indent=2, sort_keys=False, default=str) + "\n"
@@ -208,8 +213,7 @@ def save_first_hydra_record(run_dir: Path, hydra_dir: Path) -> None:
         return
     for path in (hydra_dir / n for n in HYDRA_FILES):
         if path.is_file():
-            data = path.read_bytes()
-            _write_atomic(first / path.name, lambda f, data=data: f.write(data))
+            write_bytes_atomic(first / path.name, path.read_bytes())
 
 
 def keep_first_hydra_record(run_dir: Path, hydra_dir: Path) -> None:
@@ -233,11 +237,9 @@ def keep_first_hydra_record(run_dir: Path, hydra_dir: Path) -> None:
     this = attempts / str(done[-1] + 1)
     for path in (hydra_dir / n for n in HYDRA_FILES):
         if path.is_file():
-            data = path.read_bytes()
-            _write_atomic(this / path.name, lambda f, data=data: f.write(data))
+            write_bytes_atomic(this / path.name, path.read_bytes())
     for path in (attempts / "1").iterdir():
-        data = path.read_bytes()
-        _write_atomic(hydra_dir / path.name, lambda f, data=data: f.write(data))
+        write_bytes_atomic(hydra_dir / path.name, path.read_bytes())
 
 
 def task_overrides() -> list[str]:

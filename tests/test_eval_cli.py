@@ -163,3 +163,18 @@ def test_student_pt_and_checkpoint_of_a_kd_train_run(capsys, make_cfg, tmp_path:
         r"\(size mismatch for features.0.weight \(8, 1, 3, 3\) in the file vs \(4, 1, 3, 3\) in the model.*\); "
         r"a compressed student .* evaluate that instead"
     )
+
+    # a text file named .pt is called unreadable; one that needs pickle is refused, then loads when allowed
+    text = alone.parent / "notes.pt"
+    text.write_text("accuracy 97%\n")
+    code, _, err = kd_eval(capsys, str(text))
+    assert_one_line_error(code, err, rf"kd-eval: error: artifact: {re.escape(str(text))} is truncated or corrupt \(.*\); .*")
+    pickled = tmp_path / "run" / "pickled.pt"
+    torch.save({"state_dict": torch.load(student["weights"], weights_only=True), "saved": __import__("datetime").date(2026, 12, 4)},
+               pickled)
+    code, _, err = kd_eval(capsys, str(pickled))
+    assert_one_line_error(code, err, rf"kd-eval: error: artifact: {re.escape(str(pickled))} holds more than weights "
+                          r"\(a pickled datetime.date\); .* set checkpoint.allow_pickle=true")
+    code, out, err = kd_eval(capsys, str(pickled), "checkpoint.allow_pickle=true")
+    assert code == 0, err
+    assert json.loads(out.splitlines()[-1])["test/acc"] == pytest.approx(expected["test/acc"], abs=1e-6)

@@ -212,3 +212,25 @@ def test_a_failed_job_closes_its_wandb_run_as_failed(cli, tmp_path: Path, no_wan
              if r.WhichOneof("record_type") == "exit"]
     assert exits == [1]
     assert (run_dir / "failure.json").exists()
+
+
+def test_a_resume_continues_the_csv_history_and_the_wandb_run(tmp_path: Path, no_wandb_env) -> None:
+    from kd.training.loggers import CSVLogger, continue_history
+
+    csv_logger = CSVLogger(save_dir=str(tmp_path), name="csv", version="")
+    (tmp_path / "csv").mkdir()
+    rows = ["epoch,step,train/loss,val/acc", "0,18,,0.5", "0,18,0.25,", "1,37,,0.6", "1,37,0.21,", "2,56,,0.7"]
+    (tmp_path / "csv" / "metrics.csv").write_text("\n".join(rows) + "\n")
+    for name in ("offline-run-20261204_101010-aaa111", "offline-run-20261204_111111-bbb222",
+                 "offline-run-20261204_111111-bbb222-1", "run-20261203_235959-ccc333", "latest-run"):
+        (tmp_path / "wandb" / name).mkdir(parents=True)
+    wandb = wandb_logger(save_dir=str(tmp_path), offline=True)
+    given = wandb_logger(save_dir=str(tmp_path), offline=True, id="mine")
+
+    continue_history([csv_logger, wandb, given], tmp_path, step=39)  # resumed inside epoch 2: its row goes
+    assert (tmp_path / "csv" / "metrics.csv").read_text().splitlines() == rows[:5]
+    assert wandb._wandb_init["id"] == "bbb222" and wandb._wandb_init["resume"] == "allow"  # the newest run
+    assert given._wandb_init["id"] == "mine"  # logger.wandb.id given: kept
+    csv_logger.log_metrics({"train/loss": 0.2, "epoch": 2}, step=56)  # the writer adds to the kept rows
+    csv_logger.save()
+    assert (tmp_path / "csv" / "metrics.csv").read_text().splitlines() == [*rows[:5], "2,56,0.2,"]

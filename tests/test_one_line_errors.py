@@ -203,3 +203,37 @@ def test_an_unreadable_image_is_named_when_it_is_first_read(tmp_path: Path, work
                 pass
     assert str(e.value).startswith(f"data.root: {bad} cannot be read as an image (UnidentifiedImageError: ")
     assert str(e.value).endswith("; remove or replace it") and "\n" not in str(e.value)
+
+
+def test_a_run_waiting_for_another_runs_teacher_training_says_so_at_once(make_cfg, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import time
+
+    from faults import REPO
+    from filelock import FileLock
+
+    store = tmp_path / "store"
+    args = (*FAST, f"teacher.store_dir={store}", f"hydra.run.dir={tmp_path / 'run'}")
+    key, _ = store_key(teacher_run_config(make_cfg(*args[1:])))
+    store.mkdir()
+    lock = FileLock(str(store / f"{key}.lock"))
+    lock.acquire()  # another run, training this teacher
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "PL_"))}
+    env.update(KD_OUTPUT_ROOT=str(tmp_path / "outputs"), PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("kd-train")), *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        seen, deadline = [], time.time() + 300
+        while time.time() < deadline:
+            line = proc.stdout.readline()  # type: ignore[union-attr]
+            seen.append(line)
+            if "waiting for another run" in line or not line:
+                break
+        assert f"waiting for another run, which is training teacher {key} (lock {store / key}.lock)" in seen[-1], seen
+        assert proc.poll() is None  # still waiting, and said so
+    finally:
+        lock.release()
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    assert json.loads((tmp_path / "run" / RESULTS_FILE).read_text())["teacher"]["key"] == key

@@ -71,6 +71,8 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_weights_and_metrics(cli, tmp
     steps = sorted(torch.load(p, weights_only=True, mmap=True)["global_step"] for p in (run_dir / "checkpoints").glob("resume-*.ckpt"))
     newest = kill - kill % EVERY
     assert steps == [newest - EVERY, newest]  # the two newest step checkpoints are kept
+    history = (run_dir / "csv" / "metrics.csv").read_text().splitlines()
+    assert {row.split(",")[0] for row in history[1:]} == {"0"}, history  # epoch 0's rows, written before the kill
     resume_from = run_dir / "checkpoints" / f"resume-step{newest}.ckpt"
     if truncate:
         data = resume_from.read_bytes()
@@ -101,6 +103,8 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_weights_and_metrics(cli, tmp
     for part in ("metrics", "final_metrics", "best_epoch", "epochs", "selected"):
         assert resumed["student"][part] == whole["student"][part], part
     assert_same_weights(run_dir / STUDENT_WEIGHTS, tmp_path / "whole" / STUDENT_WEIGHTS)
+    # the history is continued: epoch 0 kept, epoch 1's training means over the whole epoch, not since the resume
+    assert (run_dir / "csv" / "metrics.csv").read_text() == (tmp_path / "whole" / "csv" / "metrics.csv").read_text()
 
 
 def test_an_interrupted_sweep_run_again_with_resume_auto_resumes_its_job_and_skips_finished_ones(tmp_path: Path) -> None:

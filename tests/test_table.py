@@ -292,3 +292,25 @@ def test_published_row_comes_from_the_runs_config(tmp_path: Path) -> None:
     assert {r["col"]: float(r["mean"]) for r in rows if r["row"] == "published"} == published
     with pytest.raises(TableError, match="--published pair.numbers: no run's config"):
         build_table(find_runs([tmp_path / "s"]), ["experiment"], ["cifar_row"], published="pair.numbers")
+
+
+def test_runs_of_different_datasets_are_never_pooled_into_one_cell(tmp_path: Path) -> None:
+    data = {"digits": {"name": "DigitsDataModule", "num_classes": 10, "test_size": 360},
+            "cifar10": {"name": "CIFARDataModule", "num_classes": 10, "test_size": 10000},
+            "cifar100": {"name": "CIFARDataModule", "num_classes": 100, "test_size": 10000}}
+    for i, (name, acc) in enumerate([("digits", 0.9), ("cifar10", 0.8), ("cifar100", 0.5), ("cifar100", 0.6)]):
+        d = job(tmp_path, str(i), [f"seed={i}"], acc)  # the same overrides: the data came from an experiment
+        results = json.loads((d / "results.json").read_text())
+        results["data"] = data[name]
+        (d / "results.json").write_text(json.dumps(results))
+    runs = find_runs([tmp_path])
+    table = build_table(runs, ["student"], ["method"])
+    assert table.col_keys == ["dataset", "method"]
+    means = {col[0]: cell.mean for (_, col), cell in table.cells.items()}
+    assert means == pytest.approx({"Digits": 90.0, "CIFAR (10 classes, 10000 test)": 80.0,
+                                   "CIFAR (100 classes, 10000 test)": 55.0})
+    # data= names the datamodule for all three CIFAR runs: not a split, the dataset is still added
+    assert build_table(runs, ["data"], ["method"]).col_keys == ["dataset", "method"]
+    assert build_table(runs, ["dataset"], ["method"]).col_keys == ["method"]  # asked for: not added twice
+    one = find_runs([tmp_path / "2", tmp_path / "3"])
+    assert build_table(one, ["student"], ["method"]).col_keys == ["method"]  # one dataset: the table as before

@@ -37,7 +37,7 @@ EXAMPLES = """examples:
   kd-eval run/student.onnx batch_size=256
   kd-eval run/student.pt                  (rebuilt from run/results.json)
 
-config: conf/eval.yaml (data, batch_size, device); bad input: one line on stderr, exit status 2"""
+config: conf/eval.yaml (data, batch_size, device, checkpoint.allow_pickle); bad input: one line on stderr, exit status 2"""
 
 
 # --- composing conf/eval.yaml -----------------------------------------------------------------
@@ -116,7 +116,7 @@ def evaluate_artifact(path: Path, overrides: Sequence[str] = ()) -> dict[str, An
             cfg.data.eval_batch_size = cfg.batch_size
     device = _device(str(cfg.device))
     datamodule = instantiate_checked(cfg.data, "data")
-    model, shape = load_model(path)
+    model, shape = load_model(path, allow_pickle=bool(cfg.checkpoint.allow_pickle))
     given = tuple(datamodule.input_shape)
     if shape is not None and tuple(shape) != given:
         raise ConfigError(

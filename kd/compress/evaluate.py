@@ -10,6 +10,7 @@ the command over these; the compression report (``kd.compress.deploy``) measures
 from __future__ import annotations
 
 import json
+import zipfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from torch import Tensor, nn
 from kd.compress.artifacts import KEY, input_shape_of, load_artifact
 from kd.errors import ConfigError
 from kd.models.build import build_model
-from kd.models.weights import load_weights
+from kd.models.weights import load_checkpoint, load_weights
 from kd.results import RESULTS_FILE
 
 EXTENSIONS = (".pt2", ".onnx", ".pt", ".ckpt")
@@ -84,7 +85,7 @@ def _run_dir(path: Path) -> Path:
     )
 
 
-def rebuild_student(path: Path) -> tuple[nn.Module, tuple[int, ...]]:
+def rebuild_student(path: Path, allow_pickle: bool = False) -> tuple[nn.Module, tuple[int, ...]]:
     """The student of a kd-train run with the weights of ``path`` (its student.pt or a checkpoint).
 
     The model is built from the resolved config in the run's ``results.json``
@@ -94,10 +95,17 @@ def rebuild_student(path: Path) -> tuple[nn.Module, tuple[int, ...]]:
     Returns:
         The model, and the per-sample input shape of the data it was trained on.
 
+    Args:
+        path: The weights.
+        allow_pickle: Load a file that needs pickle (it can run code): ``checkpoint.allow_pickle``.
+
     Raises:
-        ConfigError: Without a ``results.json``, or when the weights do not fit the model it
-            describes (a pruned or quantized student: evaluate its ``.pt2``).
+        ConfigError: For a file that is not a readable checkpoint, without a ``results.json``, or
+            when the weights do not fit the model it describes (a pruned or quantized student:
+            evaluate its ``.pt2``).
     """
+    # the file first: a text file or a truncated copy is called that, not "weights without results.json"
+    load_checkpoint(path, allow_pickle=allow_pickle, key=KEY, mmap=zipfile.is_zipfile(path))
     results_path = _run_dir(path) / RESULTS_FILE
     try:
         results = json.loads(results_path.read_text())
@@ -111,7 +119,7 @@ def rebuild_student(path: Path) -> tuple[nn.Module, tuple[int, ...]]:
         ) from None
     model = build_model(node, key="model.student", num_classes=num_classes, input_shape=shape)
     try:
-        load_weights(model, path, key=KEY)
+        load_weights(model, path, key=KEY, allow_pickle=allow_pickle)
     except ConfigError as e:
         if " does not fit " not in e.message:  # unreadable, or no state_dict: said as it is
             raise
@@ -136,14 +144,16 @@ def check_path(path: Path) -> None:
         raise ConfigError(KEY, f"file not found: {path} (kd-train writes student.pt2 in the run directory)")
 
 
-def load_model(path: Path) -> tuple[Callable[[Tensor], Tensor], tuple[int, ...] | None]:
+def load_model(path: Path, allow_pickle: bool = False) -> tuple[Callable[[Tensor], Tensor], tuple[int, ...] | None]:
     """The model in ``path`` and the per-sample input shape it expects (None when unknown).
+
+    ``allow_pickle``: a ``.pt``/``.ckpt`` that needs pickle is loaded (``checkpoint.allow_pickle``).
 
     Raises:
         ConfigError: For a missing file, an unsupported extension or a file that cannot be loaded.
     """
     check_path(path)
     if path.suffix in (".pt", ".ckpt"):
-        return rebuild_student(path)
+        return rebuild_student(path, allow_pickle)
     artifact = load_artifact(path)
     return artifact, input_shape_of(artifact)

@@ -8,7 +8,6 @@ loads them from the local Hugging Face cache only, instead of letting the Hub cl
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import ModuleType
@@ -16,7 +15,7 @@ from typing import Any
 
 from torch import nn
 
-from kd.errors import ConfigError
+from kd.errors import ConfigError, closest_names
 from kd.models import pretrained as pretrained_weights
 
 # Names that timm resolves itself, outside its registry: a Hub repository or a local folder.
@@ -85,7 +84,7 @@ def _pretrained_cfg(timm: ModuleType, name: str) -> Any:
     if name.startswith(_EXTERNAL_PREFIXES):
         return None
     if not timm.is_model(name):
-        close = difflib.get_close_matches(name, timm.list_models(pretrained="." in name), n=3)
+        close = closest_names(name, timm.list_models(pretrained="." in name))
         hint = f"did you mean {', '.join(close)}? " if close else ""
         raise ConfigError("name", f"timm has no model {name!r}; {hint}see timm.list_models()")
     try:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from kd.errors import ConfigError
+from kd.errors import ConfigError, closest_names
 from kd.models import pretrained
 
 if TYPE_CHECKING:
@@ -63,7 +63,7 @@ def torchvision_model(
 
     names = torchvision.models.list_models(module=torchvision.models)
     if name not in names:
-        close = difflib.get_close_matches(name, names, n=3)
+        close = closest_names(name, names)
         hint = f"did you mean {', '.join(close)}? " if close else ""
         raise ConfigError("name", f"torchvision has no classification model {name!r}; {hint}see torchvision.models.list_models()")
     source = None

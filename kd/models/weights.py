@@ -52,7 +52,7 @@ def load_checkpoint(path: str | Path, *, allow_pickle: bool = False, key: str = 
         if refused is not None and not allow_pickle:
             raise refused from e
         raise CorruptCheckpoint(key, f"{path} is corrupt ({type(e).__name__}: {_first_line(e)})") from e
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+    except Exception as e:  # torch's unpickler meets garbage as KeyError, IndexError, RuntimeError...
         raise CorruptCheckpoint(key, f"{path} is truncated or corrupt ({type(e).__name__}: {_first_line(e)}); "
                                 "delete it or give another checkpoint") from e
     if not isinstance(state, dict):

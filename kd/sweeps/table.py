@@ -6,12 +6,15 @@ keys, and shows each cell's mean ± sample std (ddof=1) of the student's metric 
 of runs n. The metric is the selected best-validation checkpoint's (``--final``: the final
 epoch's), never the best epoch on the test set. Failed and incomplete runs are listed below the
 table, never dropped silently. With the method on an axis and a ``none`` method (cross-entropy
-alone) among its values, each cell also shows the difference of its mean to that baseline.
+alone) among its values, each cell also shows the difference of its mean to that baseline. Runs
+of several datasets are never pooled into one cell: a ``dataset`` column key is added.
 
 The command is ``kd-table`` (``kd.cli.table``).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from kd.sweeps.formats import MISSING, Cell, Label, Table
 from kd.sweeps.runs import (
@@ -38,7 +41,23 @@ def check_keys(runs: list[Run], keys: list[str]) -> None:
         if done and all(key_value(r, key) is None for r in done):
             available = sorted({k for r in runs for k in r.override_dict})
             raise TableError(f"unknown key {key!r}: no run has it; override keys: {', '.join(available) or 'none'} "
-                             f"(aliases: {', '.join(ALIASES)}; or a dotted config path)")
+                             f"(aliases: {', '.join(ALIASES)}, dataset; or a dotted config path)")
+
+
+def datasets(runs: list[Run]) -> dict[int, str]:
+    """The dataset of each completed run (by ``id``), as a label: the datamodule's name without
+    ``DataModule``, with its class count and test size where one datamodule served several
+    (CIFAR-10 and CIFAR-100 are one ``CIFARDataModule``)."""
+    found: dict[int, tuple[str, Any, Any]] = {}
+    for run in runs:
+        data = (run.results or {}).get("data") or {}
+        if run.status == "completed" and data.get("name"):
+            found[id(run)] = (str(data["name"]).removesuffix("DataModule"), data.get("num_classes"), data.get("test_size"))
+    kinds: dict[str, set[tuple[str, Any, Any]]] = {}
+    for identity in found.values():
+        kinds.setdefault(identity[0], set()).add(identity)
+    return {run: name if len(kinds[name]) == 1 else f"{name} ({classes} classes, {tested} test)"
+            for run, (name, classes, tested) in found.items()}
 
 
 def _order(labels: list[Label]) -> list[Label]:
@@ -87,7 +106,22 @@ def build_table(runs: list[Run], rows: list[str], cols: list[str], *, metric: st
     Raises:
         TableError: For a key no run has, or a baseline the method axis does not hold.
     """
-    check_keys(runs, [*rows, *cols])
+    check_keys(runs, [k for k in (*rows, *cols) if k != "dataset"])
+    data = datasets(runs)
+
+    def label(run: Run, key: str) -> str | None:
+        return data.get(id(run)) if key == "dataset" else key_value(run, key)
+
+    # runs of several datasets are never pooled into one cell: unless the data keys given split them, a
+    # dataset column key is added (CIFAR-10 and CIFAR-100 runs without a data= override share data's label)
+    split: dict[tuple[str | None, ...], set[str]] = {}
+    for run in runs:
+        if id(run) in data:
+            split.setdefault(tuple(label(run, k) for k in (*rows, *cols) if ALIASES.get(k, k) in ("data", "dataset")),
+                             set()).add(data[id(run)])
+    if any(len(found) > 1 for found in split.values()):
+        cols = ["dataset", *cols]
+
     scale = scale_of(metric)
     cells: dict[tuple[Label, Label], Cell] = {}
     teachers: dict[Label, dict[str, float]] = {}
@@ -97,8 +131,8 @@ def build_table(runs: list[Run], rows: list[str], cols: list[str], *, metric: st
         if value is None:
             skipped.append((run, f"no {metric} in the student's {'final_metrics' if final else 'metrics'}"))
             continue
-        row = tuple(key_value(run, k) or MISSING for k in rows)
-        col = tuple(key_value(run, k) or MISSING for k in cols)
+        row = tuple(label(run, k) or MISSING for k in rows)
+        col = tuple(label(run, k) or MISSING for k in cols)
         cells.setdefault((row, col), Cell()).values.append(scale * value)
         t = (run.results or {}).get("teacher") or {}
         t_value = (t.get("metrics") or {}).get(metric)

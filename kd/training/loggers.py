@@ -13,9 +13,11 @@ compression report as a table, and closes the run so that an offline directory i
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import netrc
 import os
+import re
 import socket
 import threading
 from collections.abc import Mapping, Sequence
@@ -28,6 +30,8 @@ from lightning.pytorch.loggers import CSVLogger as LightningCSVLogger
 from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+from kd.results import write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +50,12 @@ class _CSVWriter(ExperimentWriter):
     with a copy of the logger of the main process, which never wrote: the writer of ``validate`` then
     knows only the ``val/`` columns and fails on the rows ``fit`` wrote (``dict contains fields
     not in fieldnames``). Reading the header first makes each process add to the file as one
-    writer would.
+    writer would. A resumed run's writer keeps the file (``CSVLogger.continue_at``).
     """
+
+    def __init__(self, log_dir: str, continues: bool = False) -> None:
+        self.continues = continues
+        super().__init__(log_dir=log_dir)
 
     def save(self) -> None:
         if self.metrics and self._fs.isfile(self.metrics_file_path):
@@ -59,20 +67,85 @@ class _CSVWriter(ExperimentWriter):
             self.metrics_keys = keys
         super().save()
 
+    def _check_log_dir_exists(self) -> None:
+        if not self.continues:  # Lightning's: a warning, and metrics.csv deleted
+            super()._check_log_dir_exists()
+
 
 class CSVLogger(LightningCSVLogger):
-    """Lightning's ``CSVLogger`` that keeps one ``metrics.csv`` whole across processes (``ddp_spawn``).
+    """Lightning's ``CSVLogger`` that keeps one ``metrics.csv`` whole across processes (``ddp_spawn``)
+    and, in a resumed run, the rows of the steps before the resume (``continue_at``).
 
     See ``_CSVWriter``. Same arguments as ``lightning.pytorch.loggers.CSVLogger``.
     """
+
+    continues = False
 
     @property
     @rank_zero_experiment
     def experiment(self) -> ExperimentWriter:  # noqa: D102 - see CSVLogger.experiment
         if self._experiment is None:
             self._fs.makedirs(self.root_dir, exist_ok=True)
-            self._experiment = _CSVWriter(log_dir=self.log_dir)
+            self._experiment = _CSVWriter(log_dir=self.log_dir, continues=self.continues)
         return self._experiment
+
+    def continue_at(self, step: int) -> None:
+        """A resumed run continues ``metrics.csv``: the rows logged at steps up to ``step`` (the
+        checkpoint's last trained batch) are kept, the later ones (trained again now) dropped.
+
+        Called before the run logs; the file is rewritten atomically.
+        """
+        self.continues = True
+        path = Path(self.log_dir) / ExperimentWriter.NAME_METRICS_FILE
+        if not path.is_file():
+            return
+        with path.open(newline="") as file:
+            reader = csv.DictReader(file)
+            header, rows = reader.fieldnames or [], [r for r in reader if _step_of(r) <= step]
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=header, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        write_bytes_atomic(path, out.getvalue().encode())
+
+
+def _step_of(row: Mapping[str, str]) -> float:
+    try:
+        return float(row.get("step") or "inf")
+    except ValueError:
+        return float("inf")
+
+
+def continue_history(loggers: Sequence[Logger], run_dir: Path, step: int) -> None:
+    """A resumed run adds to the history of the run it continues instead of starting a new one.
+
+    ``CSVLogger``: ``metrics.csv`` keeps the rows up to ``step`` (``CSVLogger.continue_at``). W&B:
+    the run resumes by the id of the newest run in ``<save_dir>/wandb/`` (online or offline),
+    unless ``logger.wandb.id`` is given.
+
+    Args:
+        loggers: The run's loggers, before anything is logged.
+        run_dir: The run directory.
+        step: The checkpoint's last trained batch (Lightning's ``_batches_that_stepped`` in it).
+    """
+    for logger in loggers:
+        if isinstance(logger, CSVLogger):
+            logger.continue_at(step)
+        elif isinstance(logger, WandbLogger) and not logger._wandb_init.get("id"):
+            found = wandb_run_id(Path(logger.save_dir or run_dir) / "wandb")
+            if found is not None:
+                log.info("resume: W&B run %s continues", found)
+                logger._wandb_init.update(id=found, resume="allow")
+
+
+WANDB_RUN_DIR = re.compile(r"(?:offline-)?run-(\d{8}_\d{6})-([a-z0-9]+)(?:-\d+)?")
+
+
+def wandb_run_id(wandb_dir: Path) -> str | None:
+    """The id of the newest W&B run in ``wandb_dir``, from its directory's name: ``run-<time>-<id>``
+    or ``offline-run-<time>-<id>`` (W&B adds ``-<n>`` when the same id starts twice in a second)."""
+    runs = [(m[1], m[2]) for p in wandb_dir.glob("*run-*") if p.is_dir() and (m := WANDB_RUN_DIR.fullmatch(p.name))]
+    return max(runs)[1] if runs else None
 
 
 def wandb_base_url() -> str:

@@ -9,7 +9,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
-from torchmetrics import MetricCollection
+from torchmetrics import MeanMetric, Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from kd.errors import ConfigError, Diverged
@@ -20,6 +20,11 @@ from kd.teacher.cache import TeacherCache
 
 OptimizerFactory = Callable[..., Optimizer]
 SchedulerFactory = Callable[[Optimizer], Any]
+
+
+# checkpoint key of the training metrics' state inside the epoch: a run resumed from a step
+# checkpoint logs the whole epoch's accuracy and loss means, not those of the steps after the resume
+EPOCH_METRICS = "kd_epoch_metrics"
 
 
 def _accuracy(num_classes: int) -> MetricCollection:
@@ -103,6 +108,9 @@ class DistillationModule(L.LightningModule):
         self.scheduler_interval = scheduler_interval
         acc = _accuracy(num_classes)
         self.train_metrics = acc.clone(prefix="train/")
+        # the epoch means of the loss terms ("loss", "loss_kd", ...), made at their first step
+        self.train_losses = nn.ModuleDict()
+        self._resumed_epoch: dict[str, Any] | None = None  # see on_load_checkpoint
         self.val_metrics = acc.clone(prefix="val/")
         self.test_metrics = acc.clone(prefix="test/")
 
@@ -178,9 +186,14 @@ class DistillationModule(L.LightningModule):
         loss = torch.stack(list(terms.values())).sum()
         self._check_finite(terms, loss, batch_idx)
         n = len(y)
-        for name, value in terms.items():
-            self.log(f"train/loss_{name}", value, on_epoch=True, on_step=False, batch_size=n, sync_dist=True)
-        self.log("train/loss", loss, on_epoch=True, on_step=False, prog_bar=True, batch_size=n, sync_dist=True)
+        if self._resumed_epoch is not None:
+            self._restore_epoch_metrics()
+        for name, value in (*((f"loss_{k}", v) for k, v in terms.items()), ("loss", loss)):
+            if name not in self.train_losses:
+                self.train_losses[name] = MeanMetric().to(self.device)
+            self.train_losses[name].update(value.detach(), n)
+            self.log(f"train/{name}", self.train_losses[name], on_epoch=True, on_step=False, prog_bar=name == "loss",
+                     batch_size=n, metric_attribute=f"train_losses.{name}")
         self.train_metrics.update(student.logits.detach(), y)
         self.log_dict(self.train_metrics, on_step=False, on_epoch=True, batch_size=n)
         return loss
@@ -231,11 +244,44 @@ class DistillationModule(L.LightningModule):
         # how far training got, read back by kd.training.fit when ddp_spawn/ddp_fork trained in worker processes
         self.log("train/epochs", float(self.current_epoch + 1), logger=False, sync_dist=True)
 
+    def _epoch_metrics(self) -> dict[str, Metric]:
+        """The metrics that add up the training epoch: accuracies and loss means, by name."""
+        return {**{f"train_metrics.{k}": m for k, m in self.train_metrics.items(keep_base=True, copy_state=True)},
+                **{f"train_losses.{k}": m for k, m in self.train_losses.items()}}
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Leaves the frozen teacher out of checkpoints: it is restored from its own source."""
+        """Leaves the frozen teacher out of checkpoints (it is restored from its own source) and
+        saves how far the epoch's training metrics got (``EPOCH_METRICS``).
+
+        The metrics' states are sums: those of every rank are added up here (every rank saves a
+        checkpoint together) and the resumed run puts the total on rank 0.
+        """
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith("teacher.")]:
             del state[key]
+        trainer = self._trainer
+        several = trainer is not None and trainer.world_size > 1
+        sums = {name: {k: trainer.strategy.reduce(v.detach().clone(), reduce_op="sum") if several else v.detach().clone()
+                       for k, v in metric.metric_state.items()}
+                for name, metric in self._epoch_metrics().items() if metric.update_count}
+        checkpoint[EPOCH_METRICS] = {"epoch": self.current_epoch, "metrics": sums}
+
+    def _restore_epoch_metrics(self) -> None:
+        """Adds the saved part of the epoch to the training metrics, at the resumed run's first step.
+
+        Only when the run resumes inside that epoch (a step checkpoint), and on rank 0 only.
+        """
+        saved, self._resumed_epoch = self._resumed_epoch, None
+        assert saved is not None
+        if int(saved.get("epoch", -1)) != self.current_epoch or self.global_rank != 0:
+            return
+        for name, state in saved.get("metrics", {}).items():
+            group, _, key = name.partition(".")
+            if group == "train_losses" and key not in self.train_losses:
+                self.train_losses[key] = MeanMetric().to(self.device)
+            metric = self._epoch_metrics().get(name)
+            if metric is not None:
+                metric.merge_state({k: v.to(self.device) for k, v in state.items()})
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Puts the current teacher's weights back, so a checkpoint without them loads strictly.
@@ -257,6 +303,7 @@ class DistillationModule(L.LightningModule):
             state = checkpoint["state_dict"]
             for key, value in self.teacher.state_dict().items():
                 state.setdefault(f"teacher.{key}", value)
+        self._resumed_epoch = checkpoint.get(EPOCH_METRICS)
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(list(self.trainable_parameters()))

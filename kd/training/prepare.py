@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
@@ -34,6 +35,7 @@ from kd.results import run_dir_state, task_overrides
 from kd.teacher.source import multi_process_launch
 from kd.training.checkpoints import RunSettings, SafeCheckpointIO, StepSeeds, find_resume, resume_changes
 from kd.training.fit import build_optimization
+from kd.training.loggers import continue_history
 from kd.training.method import prepare_method
 
 log = logging.getLogger(__name__)
@@ -120,6 +122,10 @@ def prepare(cfg: DictConfig) -> Job:
     )
     for cb in compressions(trainer.callbacks):  # type: ignore[attr-defined]
         cb.preflight(trainer, student, reads_features=bool(features[0].nodes), input_shape=shape)
+    if resume is not None and rank_zero_only.rank == 0:  # last: a refused run keeps the history whole
+        loops = (saved.get("loops") or {}).get("fit_loop") or {}
+        continue_history(loggers, output_dir, int(loops.get("epoch_loop.state_dict", {}).get(
+            "_batches_that_stepped", saved.get("global_step", 0))))
     return Job(seed, datamodule, criterion, student, teacher, features, optimization, loggers, trainer, resume,
                allow_pickle, resolved, history)
 

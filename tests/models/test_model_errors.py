@@ -16,6 +16,11 @@ from kd.models.weights import load_weights
 def test_an_unknown_torchvision_name_fails_with_suggestions() -> None:
     with pytest.raises(ConfigError, match=r"^name: torchvision has no classification model 'resnet19'; did you mean resnet18"):
         torchvision_model("resnet19", num_classes=10)
+    # a family's name, or one written without its underscores, finds its members (difflib alone finds none)
+    with pytest.raises(ConfigError, match=r"'vit'; did you mean vit_b_16, vit_b_32, vit_h_14\? see"):
+        torchvision_model("vit", num_classes=10)
+    with pytest.raises(ConfigError, match=r"'mobilenetv3'; did you mean mobilenet_v3_large, mobilenet_v3_small, "):
+        torchvision_model("mobilenetv3", num_classes=10)
 
 
 def test_a_checkpoint_of_another_architecture_names_the_mismatched_keys(tmp_path: Path) -> None:
