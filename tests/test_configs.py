@@ -23,7 +23,8 @@ OBJECT_GROUPS = {"data", "model/teacher", "model/student", "distill", "optimizer
 NAMED_OBJECT_GROUPS = {"callbacks", "logger"}
 GPU_TRAINERS = {"gpu", "ddp"}
 # groups whose options are the rows of one experiment's sweep
-EXPERIMENT_OF_GROUP = {"hinton_row": ["experiment=hinton_mnist"], "cifar_row": ["experiment=cifar100_resnet56_resnet20"]}
+EXPERIMENT_OF_GROUP = {"hinton_row": ["experiment=hinton_mnist"], "cifar_row": ["experiment=cifar100_resnet56_resnet20"],
+                       "tfkd_row": ["experiment=cifar100_tfkd_resnet18"]}
 
 
 def group_options() -> list[tuple[str, str]]:
@@ -191,11 +192,13 @@ def test_every_experiment_runs_end_to_end(make_cfg, tmp_path: Path, monkeypatch,
     overrides += generated_data(cfg, tmp_path / "data", monkeypatch)
     results = run(make_cfg(*overrides))
     assert results["status"] == "completed"
-    if cfg.distill._target_ != "kd.losses.ce.CrossEntropy":  # a teacher pretrained in full is used as is
+    assert (results["teacher"] is None) == (not instantiate(cfg.distill).requires_teacher)  # Tf-KD_reg: none
+    if results["teacher"] is not None:  # a teacher pretrained in full is used as is
         assert results["teacher"]["source"] == ("pretrained" if cfg.model.teacher.get("weights") else "trained")
 
 
-CIFAR_PAIRS = [e for e in EXPERIMENTS if e.startswith("cifar100_") and e != "cifar100_teachers"]
+# the teacher -> student pairs of the CRD/DKD tables: the experiments whose columns are cifar_row
+CIFAR_PAIRS = [e for e in EXPERIMENTS if "/cifar_row:" in (CONF / "experiment" / f"{e}.yaml").read_text()]
 # DKD's beta per pair (DKD paper, CIFAR-100): 8 for resnet32x4, 6 for wrn and vgg, 2 for resnet56/110
 DKD_BETA = {"resnet32x4": 8, "wrn_40_2": 6, "vgg13": 6, "resnet56": 2, "resnet110": 2}
 
@@ -252,6 +255,28 @@ def test_every_cifar_row_runs_on_a_pair(make_cfg, tmp_path: Path, monkeypatch, r
     assert results["method"] == method
     assert (results["teacher"] is None) == (row == "student")
     assert results["student"]["params"] == 278_324  # resnet20 at 100 classes
+
+
+def test_the_tfkd_rows_follow_the_authors_recipe_and_run(make_cfg, tmp_path: Path, monkeypatch) -> None:
+    cfg = make_cfg("experiment=cifar100_tfkd_resnet18", fast=False)
+    assert (cfg.trainer.max_epochs, cfg.data.batch_size, cfg.data.dataset) == (200, 128, "cifar100")
+    assert (cfg.optimizer.lr, cfg.optimizer.momentum, cfg.optimizer.weight_decay) == (0.1, 0.9, 5e-4)
+    assert list(cfg.scheduler.milestones) == [60, 120, 160] and cfg.scheduler.gamma == 0.2
+    recipe = cfg.teacher.recipe  # Tf-KD_self's teacher: the same architecture on the same recipe
+    assert (recipe.max_epochs, recipe.batch_size, recipe.optimizer.lr, list(recipe.scheduler.milestones)) == (
+        200, 128, 0.1, [60, 120, 160])
+    assert cfg.model.teacher == cfg.model.student
+    sweep = OmegaConf.load(CONF / "experiment" / "cifar100_tfkd_resnet18.yaml").hydra.sweeper.params.tfkd_row
+    assert set(sweep.split(",")) == set(cfg.pair.published)
+    for row, method in (("student", "CrossEntropy"), ("self", "KDLoss"), ("reg", "TfKDRegLoss")):
+        overrides = ["experiment=cifar100_tfkd_resnet18", f"tfkd_row={row}"]
+        overrides += generated_data(make_cfg(*overrides), tmp_path / "data", monkeypatch)
+        results = run(make_cfg(*overrides, run_dir=row))
+        assert results["status"] == "completed" and results["method"] == method
+        assert (results["teacher"] is None) == (row != "self")
+        assert results["student"]["params"] == 11_220_132  # kuangliu's CIFAR ResNet18 at 100 classes
+        if row == "self":
+            assert results["teacher"]["params"] == 11_220_132
 
 
 def test_experiment_overlays_override_groups(make_cfg) -> None:

@@ -25,10 +25,11 @@ from kd.losses.pkt import PKTLoss
 from kd.losses.reviewkd import ReviewKDLoss
 from kd.losses.rkd import RKDLoss
 from kd.losses.sp import SPLoss
+from kd.losses.tfkd import TfKDRegLoss
 from kd.losses.vid import VIDLoss
 
 __all__ = [
     "ABLoss", "ATLoss", "CCLoss", "CRDLoss", "Combined", "CrossEntropy", "DISTLoss", "DKDLoss",
     "DistillationLoss", "FSPLoss", "FTLoss", "FitNetLoss", "KDLoss", "LogitStandardKD", "MLKDLoss",
-    "NSTLoss", "OFDLoss", "PKTLoss", "RKDLoss", "ReviewKDLoss", "SPLoss", "Stage", "VIDLoss", "kd_loss",
+    "NSTLoss", "OFDLoss", "PKTLoss", "RKDLoss", "ReviewKDLoss", "SPLoss", "Stage", "TfKDRegLoss", "VIDLoss", "kd_loss",
 ]
