@@ -13,7 +13,7 @@ def test_help_lists_the_config_groups(cli, capsys) -> None:
     for group in ("data", "distill", "model/teacher", "model/student", "trainer", "logger",
                   "callbacks", "experiment", "debug", "optimizer", "scheduler"):
         assert f"{group}:" in out, group
-    assert "crd, crd_kd, dist, dkd" in out  # the options of distill
+    assert "crd, crd_kd, cskd, dist, dkd" in out  # the options of distill
 
 
 def test_cfg_job_prints_the_composed_config(cli, capsys) -> None:
@@ -34,8 +34,8 @@ def test_unknown_option_fails_with_the_list_of_options(cli, capsys) -> None:
     assert cli("distill=kdd") == 2
     assert capsys.readouterr().err.splitlines() == [
         "kd-train: error: distill=kdd: no such option in conf/distill/; did you mean kd, rkd, dkd? valid: ab, at, cc, "
-        "crd, crd_kd, dist, dkd, fitnet, fitnet_kd, fsp, ft, kd, kd_imagenet, kd_ls, mlkd, none, nst, ofd, pkt, "
-        "reviewkd, rkd, sp, vid"]
+        "crd, crd_kd, cskd, dist, dkd, fitnet, fitnet_kd, fsp, ft, kd, kd_imagenet, kd_ls, mlkd, none, nst, ofd, pkt, "
+        "reviewkd, rkd, sp, tfkd_reg, vid"]
 
 
 def test_unknown_keys_and_unparsable_overrides_fail_on_one_line_with_the_valid_keys(cli, capsys, tmp_path: Path) -> None:

@@ -279,6 +279,15 @@ def test_the_tfkd_rows_follow_the_authors_recipe_and_run(make_cfg, tmp_path: Pat
             assert results["teacher"]["params"] == 11_220_132
 
 
+def test_the_cskd_experiment_follows_the_authors_recipe(make_cfg) -> None:
+    cfg = make_cfg("experiment=cifar100_cskd_resnet18", fast=False)
+    assert (cfg.trainer.max_epochs, cfg.data.batch_size, cfg.optimizer.lr, cfg.optimizer.weight_decay) == (200, 128, 0.1, 1e-4)
+    assert list(cfg.scheduler.milestones) == [100, 150] and cfg.scheduler.gamma == 0.1
+    assert (cfg.distill.temperature, cfg.distill.weight, cfg.distill.ce_weight) == (4.0, 1.0, 1.0)
+    sweep = OmegaConf.load(CONF / "experiment" / "cifar100_cskd_resnet18.yaml").hydra.sweeper.params.distill
+    assert sweep == "none,cskd"
+
+
 def test_experiment_overlays_override_groups(make_cfg) -> None:
     cfg = make_cfg("experiment=digits_baseline")
     assert cfg.distill._target_ == "kd.losses.ce.CrossEntropy"

@@ -37,6 +37,7 @@ METHODS = {
     "kd": ("distill=kd",),
     "crd": ("distill=crd", "distill.nce_k=64"),  # a memory bank and negatives drawn every step
     "prune": ("distill=kd", "callbacks=prune_agp"),  # masks that change every few steps
+    "cskd": ("distill=cskd",),  # same-class partners drawn from the data order's seeds
 }
 
 

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 
 from kd.data.fast import BatchLoader
 from kd.data.order import ResumableLoader
+from kd.data.pairs import ClassPairs
 from kd.data.tensor import stratified_split
 from kd.errors import ConfigError
 
@@ -27,6 +28,7 @@ class SplitDataModule(L.LightningDataModule):
     provides_index = True  # batch["index"]: position in the training split
     pin_memory = False
     fast = False  # kd.data.fast.BatchLoader instead of a DataLoader
+    class_pairs = False  # training batches carry a same-class partner of each sample (kd.data.pairs, CS-KD)
     batch_size: int
     eval_batch_size: int
     num_workers: int
@@ -60,8 +62,9 @@ class SplitDataModule(L.LightningDataModule):
         key = (split, str(device))
         if key not in moved:  # moved once, reused every epoch
             moved[key] = self.splits[split].to(device)
+        data = ClassPairs(moved[key]) if train and self.class_pairs else moved[key]
         return BatchLoader(
-            moved[key], self.batch_size if train else self.eval_batch_size, shuffle=train,
+            data, self.batch_size if train else self.eval_batch_size, shuffle=train,
             seed=torch.initial_seed() % 2**62, rank=rank, world_size=world,
         )
 
@@ -75,7 +78,8 @@ class SplitDataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         # order and augmentation drawn from (seed, epoch, position): exact when resumed mid-epoch
-        return ResumableLoader(self.splits[split], self.batch_size, seed=torch.initial_seed() % 2**62,
+        data = ClassPairs(self.splits[split]) if self.class_pairs else self.splits[split]
+        return ResumableLoader(data, self.batch_size, seed=torch.initial_seed() % 2**62,
                                rank=rank, world_size=world, **common)
 
     def train_dataloader(self) -> DataLoader:

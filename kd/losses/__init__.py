@@ -11,6 +11,7 @@ from kd.losses.cc import CCLoss
 from kd.losses.ce import CrossEntropy
 from kd.losses.combined import Combined
 from kd.losses.crd import CRDLoss
+from kd.losses.cskd import CSKDLoss
 from kd.losses.dist import DISTLoss
 from kd.losses.dkd import DKDLoss
 from kd.losses.fitnet import FitNetLoss
@@ -29,7 +30,7 @@ from kd.losses.tfkd import TfKDRegLoss
 from kd.losses.vid import VIDLoss
 
 __all__ = [
-    "ABLoss", "ATLoss", "CCLoss", "CRDLoss", "Combined", "CrossEntropy", "DISTLoss", "DKDLoss",
+    "ABLoss", "ATLoss", "CCLoss", "CRDLoss", "CSKDLoss", "Combined", "CrossEntropy", "DISTLoss", "DKDLoss",
     "DistillationLoss", "FSPLoss", "FTLoss", "FitNetLoss", "KDLoss", "LogitStandardKD", "MLKDLoss",
     "NSTLoss", "OFDLoss", "PKTLoss", "RKDLoss", "ReviewKDLoss", "SPLoss", "Stage", "TfKDRegLoss", "VIDLoss", "kd_loss",
 ]

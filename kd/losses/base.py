@@ -62,10 +62,14 @@ class DistillationLoss(nn.Module):
     Attributes:
         requires_teacher: False for methods that train without a teacher.
         requires_index: True for methods that need ``batch["index"]`` and ``DataInfo.targets``.
+        requires_pairs: True for methods that need a same-class partner of each training sample
+            (``kd.data.pairs``): the batch then carries ``pair_input``, and the training module
+            adds ``pair_logits``, the student's outputs on them without gradient.
     """
 
     requires_teacher: bool = True
     requires_index: bool = False
+    requires_pairs: bool = False
 
     def __init__(
         self,

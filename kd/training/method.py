@@ -43,6 +43,21 @@ def data_info(datamodule: L.LightningDataModule, needs_index: bool, method: str 
     return DataInfo(int(datamodule.num_classes), num_samples, None)
 
 
+def pair_by_class(datamodule: L.LightningDataModule, method: str = "the method") -> None:
+    """Makes the training batches carry a same-class partner of each sample (``kd.data.pairs``).
+
+    Raises:
+        ConfigError: If the datamodule cannot pair its samples (not a ``SplitDataModule``).
+    """
+    if not hasattr(datamodule, "class_pairs"):
+        raise ConfigError(
+            "distill", f"{method} needs training batches that pair each sample with another of its class, "
+            f"which {type(datamodule).__name__} does not provide (kd.data.splits.SplitDataModule does); "
+            "pick such a datamodule (data=digits, cifar100, ...) or another method"
+        )
+    datamodule.class_pairs = True
+
+
 def prepare_method(
     criterion: DistillationLoss,
     student: nn.Module,
@@ -81,6 +96,8 @@ def prepare_method(
         teacher_fx = FeatureExtractor(
             teacher, criterion.teacher_nodes, key="distill.teacher_nodes", input_shape=shape, tracer=tracer
         )
+    if criterion.requires_pairs:
+        pair_by_class(datamodule, name)
     info = data_info(datamodule, criterion.requires_index, name)
     s_out, t_out = dry_run(student_fx, shape), (dry_run(teacher_fx, shape) if teacher_fx else None)
     if t_out is not None and t_out.logits.shape[-1] != s_out.logits.shape[-1]:

@@ -181,6 +181,9 @@ class DistillationModule(L.LightningModule):
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         x, y = self._input(batch), batch["target"]  # (B, ...), (B,)
         student = self._call(self.student_features, x)
+        if "pair_input" in batch:  # same-class partners (kd.data.pairs): the student's outputs, no gradient
+            with torch.no_grad():
+                batch["pair_logits"] = self._call(self.student_features, self._input({"input": batch["pair_input"]})).logits
         teacher = self.teacher_outputs(batch, x) if self.teacher is not None else None
         terms = self.criterion(student, teacher, batch, epoch=self.current_epoch)
         loss = torch.stack(list(terms.values())).sum()
