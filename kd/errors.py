@@ -3,6 +3,7 @@ stopped by SIGTERM (``Terminated``)."""
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 from collections.abc import Iterable
 from typing import Any
@@ -170,11 +171,10 @@ def check_writable_dir(path: Any, key: str, keep: bool = True) -> None:
     except OSError as e:
         raise ConfigError(key, f"cannot write in {path} ({e.strerror or e}); give a directory you can write to") from e
     finally:
-        for p in [] if keep else created:
-            try:
-                p.rmdir()
-            except OSError:
-                pass
+        if not keep:
+            for p in created:  # innermost first
+                with contextlib.suppress(OSError):
+                    p.rmdir()
 
 
 class NoSpace(ConfigError):

@@ -201,6 +201,18 @@ def run_dir_state(run_dir: str | Path) -> RunDirState:
 HYDRA_FILES = ("config.yaml", "hydra.yaml", "overrides.yaml")
 
 
+def _trained(run_dir: Path) -> bool:
+    """Whether a start trained in ``run_dir``: it holds a checkpoint."""
+    return any((Path(run_dir) / "checkpoints").glob("*.ckpt"))
+
+
+def _copy_record(src: Path, dst: Path) -> None:
+    """Copies the ``.hydra/`` files (``HYDRA_FILES``) that ``src`` holds into ``dst``, atomically."""
+    for path in (src / n for n in HYDRA_FILES):
+        if path.is_file():
+            write_bytes_atomic(dst / path.name, path.read_bytes())
+
+
 def save_first_hydra_record(run_dir: Path, hydra_dir: Path) -> None:
     """Before Hydra starts a command again in a directory where a run trained, copies that run's
     ``.hydra/`` files to ``attempts/1/``: Hydra is about to write over them.
@@ -208,12 +220,10 @@ def save_first_hydra_record(run_dir: Path, hydra_dir: Path) -> None:
     A directory without checkpoints (no start trained there) is left alone, and so is one whose
     first record was saved already. See ``keep_first_hydra_record`` for the other half.
     """
-    hydra_dir, first = Path(hydra_dir), Path(hydra_dir) / "attempts" / "1"
-    if first.is_dir() or not any((Path(run_dir) / "checkpoints").glob("*.ckpt")):
-        return
-    for path in (hydra_dir / n for n in HYDRA_FILES):
-        if path.is_file():
-            write_bytes_atomic(first / path.name, path.read_bytes())
+    hydra_dir = Path(hydra_dir)
+    first = hydra_dir / "attempts" / "1"
+    if not first.is_dir() and _trained(run_dir):
+        _copy_record(hydra_dir, first)
 
 
 def keep_first_hydra_record(run_dir: Path, hydra_dir: Path) -> None:
@@ -230,16 +240,12 @@ def keep_first_hydra_record(run_dir: Path, hydra_dir: Path) -> None:
     attempts = hydra_dir / "attempts"
     if not attempts.is_dir():
         return
-    if not any((Path(run_dir) / "checkpoints").glob("*.ckpt")):
+    if not _trained(run_dir):
         shutil.rmtree(attempts)
         return
     done = sorted(int(p.name) for p in attempts.iterdir() if p.name.isdigit())
-    this = attempts / str(done[-1] + 1)
-    for path in (hydra_dir / n for n in HYDRA_FILES):
-        if path.is_file():
-            write_bytes_atomic(this / path.name, path.read_bytes())
-    for path in (attempts / "1").iterdir():
-        write_bytes_atomic(hydra_dir / path.name, path.read_bytes())
+    _copy_record(hydra_dir, attempts / str(done[-1] + 1))
+    _copy_record(attempts / "1", hydra_dir)
 
 
 def task_overrides() -> list[str]:

@@ -99,4 +99,3 @@ class TfKDRegLoss(DistillationLoss):
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature:g}, correct_prob={self.correct_prob:g}, {super().extra_repr()}"
-

@@ -192,10 +192,9 @@ class DistillationModule(L.LightningModule):
         if self._resumed_epoch is not None:
             self._restore_epoch_metrics()
         for name, value in (*((f"loss_{k}", v) for k, v in terms.items()), ("loss", loss)):
-            if name not in self.train_losses:
-                self.train_losses[name] = MeanMetric().to(self.device)
-            self.train_losses[name].update(value.detach(), n)
-            self.log(f"train/{name}", self.train_losses[name], on_epoch=True, on_step=False, prog_bar=name == "loss",
+            mean = self._loss_mean(name)
+            mean.update(value.detach(), n)
+            self.log(f"train/{name}", mean, on_epoch=True, on_step=False, prog_bar=name == "loss",
                      batch_size=n, metric_attribute=f"train_losses.{name}")
         self.train_metrics.update(student.logits.detach(), y)
         self.log_dict(self.train_metrics, on_step=False, on_epoch=True, batch_size=n)
@@ -247,6 +246,12 @@ class DistillationModule(L.LightningModule):
         # how far training got, read back by kd.training.fit when ddp_spawn/ddp_fork trained in worker processes
         self.log("train/epochs", float(self.current_epoch + 1), logger=False, sync_dist=True)
 
+    def _loss_mean(self, name: str) -> MeanMetric:
+        """The epoch mean of loss term ``name``, made at its first use."""
+        if name not in self.train_losses:
+            self.train_losses[name] = MeanMetric().to(self.device)
+        return self.train_losses[name]  # type: ignore[return-value]
+
     def _epoch_metrics(self) -> dict[str, Metric]:
         """The metrics that add up the training epoch: accuracies and loss means, by name."""
         return {**{f"train_metrics.{k}": m for k, m in self.train_metrics.items(keep_base=True, copy_state=True)},
@@ -280,8 +285,8 @@ class DistillationModule(L.LightningModule):
             return
         for name, state in saved.get("metrics", {}).items():
             group, _, key = name.partition(".")
-            if group == "train_losses" and key not in self.train_losses:
-                self.train_losses[key] = MeanMetric().to(self.device)
+            if group == "train_losses":
+                self._loss_mean(key)
             metric = self._epoch_metrics().get(name)
             if metric is not None:
                 metric.merge_state({k: v.to(self.device) for k, v in state.items()})
