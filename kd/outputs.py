@@ -15,10 +15,13 @@ class ModelOutput:
         logits: Class scores, shape ``(B, num_classes)``.
         features: Named intermediate activations a method asked for, keyed by the module or FX
             node name it gave (``layer2``, ``layer2.1.add``); empty for logit methods.
+        members: The outputs this one was made of, by network name: a teacher ensemble's
+            members (``kd.teacher.ensemble``); empty for a single network.
     """
 
     logits: Tensor
     features: dict[str, Tensor] = field(default_factory=dict)
+    members: dict[str, ModelOutput] = field(default_factory=dict)
 
 
 Batch = dict[str, Tensor]

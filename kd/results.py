@@ -363,8 +363,10 @@ def summary_table(results: dict[str, Any]) -> str:
     rows = [("model", "params", "val acc", "test acc", "test acc (final epoch)")]
     teacher = results.get("teacher")
     if teacher:
-        m = teacher["metrics"]
-        rows.append(("teacher", f"{teacher['params']:,}", _pct(m.get("val/acc")), _pct(m.get("test/acc")), "     -"))
+        named = [(f"teacher {name}", info) for name, info in (teacher.get("members") or {}).items()]
+        for label, info in (*named, ("ensemble" if named else "teacher", teacher)):
+            m = info["metrics"]
+            rows.append((label, f"{info['params']:,}", _pct(m.get("val/acc")), _pct(m.get("test/acc")), "     -"))
     student = results["student"]
     m, f = student["metrics"], student["final_metrics"]
     rows.append(("student", f"{student['params']:,}", _pct(m.get("val/acc")), _pct(m.get("test/acc")), _pct(f.get("test/acc"))))
@@ -375,7 +377,8 @@ def summary_table(results: dict[str, Any]) -> str:
     if teacher:
         how = {"trained": "trained now and stored", "store": "reused from the store", "checkpoint": "loaded from",
                "pretrained": "pretrained, used as is:"}
-        notes.append(f"teacher: {how.get(teacher['source'], teacher['source'])} {teacher['path']}")
+        for name, info in (teacher.get("members") or {"": teacher}).items():
+            notes.append(f"teacher{' ' + name if name else ''}: {how.get(info['source'], info['source'])} {info['path']}")
     selected = "best-validation checkpoint" if student["selected"] == "best_val" else "final weights"
     notes.append(f"student: {results['method']}, val/test of the {selected}" + (f" (epoch {student['best_epoch']})" if student.get("best_epoch") is not None else ""))
     notes.append(f"wall time {results['wall_time_s']:.1f} s; results in {results['run_dir']}/{RESULTS_FILE}")

@@ -52,6 +52,7 @@ from kd.models.pretrained import pretrained_source
 from kd.models.weights import load_weights
 from kd.results import read_json, save_atomic, write_json_atomic
 from kd.teacher.cache import TeacherCache, open_cache
+from kd.teacher.ensemble import EnsembleCache, EnsembleExtractor, TeacherEnsemble, ensemble_settings
 from kd.training.checkpoints import SafeCheckpointIO
 from kd.training.fit import build_optimization, evaluate, fit
 from kd.training.module import DistillationModule
@@ -82,6 +83,8 @@ class TeacherInfo:
         params: Number of parameters.
         metrics: Val and test metrics on this run's data.
         key: The store key, for store and trained teachers.
+        members: For a teacher ensemble (``source: "ensemble"``, ``metrics`` the ensemble's):
+            each member's own record, by name.
     """
 
     source: str
@@ -89,9 +92,14 @@ class TeacherInfo:
     params: int
     metrics: dict[str, float]
     key: str | None = None
+    members: dict[str, TeacherInfo] | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        fields = asdict(self)
+        del fields["members"]
+        if self.members is not None:
+            fields["members"] = {name: m.as_dict() for name, m in self.members.items()}
+        return fields
 
 
 @dataclass
@@ -106,7 +114,7 @@ class Teacher:
 
     net: nn.Module
     info: TeacherInfo
-    cache: TeacherCache | None = None
+    cache: TeacherCache | EnsembleCache | None = None
 
 
 def get_teacher(
@@ -127,6 +135,8 @@ def get_teacher(
     Raises:
         ConfigError: See ``resolve_teacher`` and ``kd.teacher.cache.open_cache``.
     """
+    if isinstance(net, TeacherEnsemble):
+        return _get_ensemble(cfg, datamodule, net, features, device)  # type: ignore[arg-type]
     net, info = resolve_teacher(cfg, datamodule, net=net)
     node = cfg.teacher_cache
     if not node.enabled:
@@ -139,6 +149,27 @@ def get_teacher(
         build=not multi_process_launch(), data_key="data",
     )
     return Teacher(net, info, cache)
+
+
+def _get_ensemble(cfg: DictConfig, datamodule: L.LightningDataModule, ensemble: TeacherEnsemble,
+                  features: EnsembleExtractor, device: torch.device) -> Teacher:
+    """Each member of a teacher ensemble exactly as a single teacher (``get_teacher``: its
+    checkpoint ``teacher.ckpts.<name>``, the store or training, its own cache), then the ensemble
+    measured as a whole."""
+    ckpts = OmegaConf.select(cfg, "teacher.ckpts") or {}
+    members: dict[str, Teacher] = {}
+    for name, node in (ensemble_settings(cfg) or {}).items():
+        mcfg = copy.deepcopy(cfg)
+        with open_dict(mcfg):
+            mcfg.model.teacher = node
+            mcfg.teacher.ckpt = ckpts.get(name)
+        log.info("teacher ensemble: member %s", name)
+        members[name] = get_teacher(mcfg, datamodule, ensemble.members[name], features.members[name], device)
+    metrics = _evaluate_as_is(cfg, teacher_run_config(cfg), ensemble, datamodule)
+    info = TeacherInfo("ensemble", ", ".join(t.info.path for t in members.values()), count_parameters(ensemble),
+                       metrics, members={name: t.info for name, t in members.items()})
+    caches = {name: t.cache for name, t in members.items() if t.cache is not None}
+    return Teacher(ensemble, info, EnsembleCache(ensemble, caches) if caches else None)
 
 
 def teacher_run_config(cfg: DictConfig) -> DictConfig:

@@ -7,6 +7,8 @@ model does not have, with the names it does have), checks the data gives what th
 
 from __future__ import annotations
 
+from functools import partial
+
 import lightning as L
 import torch
 from torch import nn
@@ -16,6 +18,7 @@ from kd.errors import ConfigError
 from kd.losses.base import DistillationLoss
 from kd.models.features import FeatureExtractor
 from kd.outputs import DataInfo, ModelOutput
+from kd.teacher.ensemble import TeacherEnsemble
 
 
 def data_info(datamodule: L.LightningDataModule, needs_index: bool, method: str = "the method") -> DataInfo:
@@ -92,10 +95,9 @@ def prepare_method(
         student, criterion.student_nodes, key="distill.student_nodes", input_shape=shape, tracer=tracer
     )
     teacher_fx = None
-    if teacher is not None:
-        teacher_fx = FeatureExtractor(
-            teacher, criterion.teacher_nodes, key="distill.teacher_nodes", input_shape=shape, tracer=tracer
-        )
+    if teacher is not None:  # an ensemble's extractor reads the features of one member, the logits of all
+        make = teacher.extractor if isinstance(teacher, TeacherEnsemble) else partial(FeatureExtractor, teacher)
+        teacher_fx = make(criterion.teacher_nodes, key="distill.teacher_nodes", input_shape=shape, tracer=tracer)
     if criterion.requires_pairs:
         pair_by_class(datamodule, name)
     info = data_info(datamodule, criterion.requires_index, name)

@@ -34,6 +34,12 @@ def _accuracy(num_classes: int) -> MetricCollection:
     return MetricCollection(metrics)
 
 
+def _cloned(out: ModelOutput) -> ModelOutput:
+    """A copy of the logits and features (a teacher ensemble's members' too), outside inference mode."""
+    return ModelOutput(out.logits.clone(), {k: v.clone() for k, v in out.features.items()},
+                       {name: _cloned(m) for name, m in out.members.items()})
+
+
 class DistillationModule(L.LightningModule):
     """Trains ``student`` with ``criterion``, guided by a frozen ``teacher`` when one is given.
 
@@ -137,7 +143,7 @@ class DistillationModule(L.LightningModule):
             self.teacher.eval()
         with torch.inference_mode():
             out = self._call(self.teacher_features, x)
-        return ModelOutput(out.logits.clone(), {k: v.clone() for k, v in out.features.items()})
+        return _cloned(out)
 
     def teacher_outputs(self, batch: Batch, x: Tensor) -> ModelOutput:
         """The teacher's outputs on a training batch (inputs ``x``): read from the cache when there is one."""

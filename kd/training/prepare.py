@@ -32,6 +32,7 @@ from kd.models.build import build_model
 from kd.models.features import FeatureExtractor
 from kd.models.weights import load_checkpoint, nonfinite_tensor
 from kd.results import run_dir_state, task_overrides
+from kd.teacher.ensemble import build_ensemble
 from kd.teacher.source import multi_process_launch
 from kd.training.checkpoints import RunSettings, SafeCheckpointIO, StepSeeds, find_resume, resume_changes
 from kd.training.fit import build_optimization
@@ -108,7 +109,9 @@ def prepare(cfg: DictConfig) -> Job:
     shape = tuple(datamodule.input_shape)
     fits = {"num_classes": datamodule.num_classes, "input_shape": shape}
     student = build_model(cfg.model.student, key="model.student", **fits)
-    teacher = build_model(cfg.model.teacher, key="model.teacher", **fits) if criterion.requires_teacher else None
+    teacher = None
+    if criterion.requires_teacher:  # model.teachers: an ensemble of frozen teachers, else model.teacher
+        teacher = build_ensemble(cfg, criterion, **fits) or build_model(cfg.model.teacher, key="model.teacher", **fits)
     # feature nodes, sample indices and the method's learned parts, before any teacher training
     features = prepare_method(criterion, student, teacher, datamodule, tracer=cfg.features_tracer)
     optimization = build_optimization(cfg)
