@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
+STUDENT = "student"
+"""The student's name among the networks that train together (``ModelOutput.members`` of peers)."""
+
 
 @dataclass
 class ModelOutput:
@@ -16,7 +19,8 @@ class ModelOutput:
         features: Named intermediate activations a method asked for, keyed by the module or FX
             node name it gave (``layer2``, ``layer2.1.add``); empty for logit methods.
         members: The outputs this one was made of, by network name: a teacher ensemble's
-            members (``kd.teacher.ensemble``); empty for a single network.
+            members (``kd.teacher.ensemble``), or the student's and its peers' (``STUDENT`` and
+            ``model.peers``' names) for methods that train several networks; empty otherwise.
     """
 
     logits: Tensor

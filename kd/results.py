@@ -370,6 +370,13 @@ def summary_table(results: dict[str, Any]) -> str:
     student = results["student"]
     m, f = student["metrics"], student["final_metrics"]
     rows.append(("student", f"{student['params']:,}", _pct(m.get("val/acc")), _pct(m.get("test/acc")), _pct(f.get("test/acc"))))
+    for name, peer in (results.get("peers") or {}).items():
+        m, f = peer["metrics"], peer["final_metrics"]
+        rows.append((f"peer {name}", f"{peer['params']:,}", _pct(m.get("val/acc")), _pct(m.get("test/acc")), _pct(f.get("test/acc"))))
+    if results.get("ensemble"):
+        m, f = results["ensemble"]["metrics"], results["ensemble"]["final_metrics"]
+        params = student["params"] + sum(p["params"] for p in results["peers"].values())
+        rows.append(("ensemble", f"{params:,}", _pct(m.get("val/acc")), _pct(m.get("test/acc")), _pct(f.get("test/acc"))))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     lines.insert(1, "-" * len(lines[0]))
@@ -381,5 +388,8 @@ def summary_table(results: dict[str, Any]) -> str:
             notes.append(f"teacher{' ' + name if name else ''}: {how.get(info['source'], info['source'])} {info['path']}")
     selected = "best-validation checkpoint" if student["selected"] == "best_val" else "final weights"
     notes.append(f"student: {results['method']}, val/test of the {selected}" + (f" (epoch {student['best_epoch']})" if student.get("best_epoch") is not None else ""))
+    if results.get("peers"):
+        notes.append("peers: each at its own best-validation checkpoint (peers/<name>/student.pt); the ensemble (mean "
+                     "of the probabilities of the student and its peers) at the student's")
     notes.append(f"wall time {results['wall_time_s']:.1f} s; results in {results['run_dir']}/{RESULTS_FILE}")
     return "\n".join(["accuracy (%)", *lines, *notes])

@@ -33,9 +33,9 @@ def test_bad_value_is_one_line_on_stderr_with_exit_status_2(cli, capsys, tmp_pat
 def test_unknown_option_fails_with_the_list_of_options(cli, capsys) -> None:
     assert cli("distill=kdd") == 2
     assert capsys.readouterr().err.splitlines() == [
-        "kd-train: error: distill=kdd: no such option in conf/distill/; did you mean kd, rkd, dkd? valid: ab, at, cc, "
-        "crd, crd_kd, cskd, dist, dkd, fitnet, fitnet_kd, fsp, ft, kd, kd_imagenet, kd_ls, mlkd, none, nst, ofd, pkt, "
-        "reviewkd, rkd, sp, tfkd_reg, vid"]
+        "kd-train: error: distill=kdd: no such option in conf/distill/; did you mean kd, rkd, dkd? valid: ab, at, camkd, "
+        "cc, crd, crd_kd, cskd, dist, dkd, dml, fitnet, fitnet_kd, fsp, ft, kd, kd_imagenet, kd_ls, kdcl, mlkd, none, "
+        "nst, ofd, pkt, reviewkd, rkd, sp, tfkd_reg, vid"]
 
 
 def test_unknown_keys_and_unparsable_overrides_fail_on_one_line_with_the_valid_keys(cli, capsys, tmp_path: Path) -> None:

@@ -38,6 +38,7 @@ METHODS = {
     "crd": ("distill=crd", "distill.nce_k=64"),  # a memory bank and negatives drawn every step
     "prune": ("distill=kd", "callbacks=prune_agp"),  # masks that change every few steps
     "cskd": ("distill=cskd",),  # same-class partners drawn from the data order's seeds
+    "dml": ("distill=dml",),  # two networks, each with its own best checkpoint
 }
 
 
@@ -104,6 +105,9 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_weights_and_metrics(cli, tmp
     for part in ("metrics", "final_metrics", "best_epoch", "epochs", "selected"):
         assert resumed["student"][part] == whole["student"][part], part
     assert_same_weights(run_dir / STUDENT_WEIGHTS, tmp_path / "whole" / STUDENT_WEIGHTS)
+    for name, peer in whole.get("peers", {}).items():
+        assert resumed["peers"][name]["metrics"] == peer["metrics"] and resumed["ensemble"] == whole["ensemble"]
+        assert_same_weights(run_dir / "peers" / name / STUDENT_WEIGHTS, tmp_path / "whole" / "peers" / name / STUDENT_WEIGHTS)
     # the history is continued: epoch 0 kept, epoch 1's training means over the whole epoch, not since the resume
     assert (run_dir / "csv" / "metrics.csv").read_text() == (tmp_path / "whole" / "csv" / "metrics.csv").read_text()
 

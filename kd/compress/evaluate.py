@@ -76,7 +76,8 @@ def _set_eval(model: nn.Module, eval_mode: bool) -> None:
 
 def _run_dir(path: Path) -> Path:
     """The run directory of a state_dict or checkpoint: the one holding results.json."""
-    for candidate in (path.parent, path.parent.parent):  # <run>/student.pt, <run>/checkpoints/x.ckpt
+    # <run>/student.pt, <run>/checkpoints/x.ckpt, <run>/peers/<name>/student.pt
+    for candidate in (path.parent, path.parent.parent, path.parent.parent.parent):
         if (candidate / RESULTS_FILE).is_file():
             return candidate
     raise ConfigError(
@@ -89,7 +90,8 @@ def rebuild_student(path: Path, allow_pickle: bool = False) -> tuple[nn.Module, 
     """The student of a kd-train run with the weights of ``path`` (its student.pt or a checkpoint).
 
     The model is built from the resolved config in the run's ``results.json``
-    (``model.student``, the data's classes and input shape) and the weights loaded with
+    (``model.student``, or ``model.peers.<name>`` for a peer's ``peers/<name>/student.pt``; the data's
+    classes and input shape) and the weights loaded with
     ``kd.models.weights.load_weights``, which takes the student's out of a Lightning checkpoint.
 
     Returns:
@@ -106,10 +108,13 @@ def rebuild_student(path: Path, allow_pickle: bool = False) -> tuple[nn.Module, 
     """
     # the file first: a text file or a truncated copy is called that, not "weights without results.json"
     load_checkpoint(path, allow_pickle=allow_pickle, key=KEY, mmap=zipfile.is_zipfile(path))
-    results_path = _run_dir(path) / RESULTS_FILE
+    run_dir = _run_dir(path)
+    results_path = run_dir / RESULTS_FILE
+    # a peer's weights (<run>/peers/<name>/student.pt) are rebuilt from model.peers.<name>
+    peer = path.parent.name if path.parent.parent.name == "peers" and path.parents[2] == run_dir else None
     try:
         results = json.loads(results_path.read_text())
-        node = results["config"]["model"]["student"]
+        node = results["config"]["model"]["peers"][peer] if peer else results["config"]["model"]["student"]
         data = results["data"]
         num_classes, shape = int(data["num_classes"]), tuple(int(d) for d in data["input_shape"])
     except (ValueError, KeyError, TypeError) as e:

@@ -65,11 +65,18 @@ class DistillationLoss(nn.Module):
         requires_pairs: True for methods that need a same-class partner of each training sample
             (``kd.data.pairs``): the batch then carries ``pair_input``, and the training module
             adds ``pair_logits``, the student's outputs on them without gradient.
+        trains_peers: True for methods that train several networks together (``model.peers``):
+            ``student.members`` then holds every network's output by name, the student's
+            under ``student``, and the method returns the terms of all of them.
+        requires_ensemble: True for methods that weigh the teachers of an ensemble
+            (``model.teachers``): ``teacher.members`` holds each teacher's output by name.
     """
 
     requires_teacher: bool = True
     requires_index: bool = False
     requires_pairs: bool = False
+    trains_peers: bool = False
+    requires_ensemble: bool = False
 
     def __init__(
         self,

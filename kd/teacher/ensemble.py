@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from kd.errors import ConfigError
+from kd.errors import ConfigError, check_int
 from kd.losses.base import check_positive
 from kd.models.features import FeatureExtractor
 from kd.outputs import ModelOutput
@@ -175,11 +175,36 @@ def ensemble_settings(cfg: Any) -> dict[str, Any] | None:
     return dict(node.items())
 
 
+def seed_ensemble(cfg: Any) -> dict[str, Any]:
+    """An ensemble of ``model.teacher``: ``teacher.ensemble.size`` of it (3 by default), trained with
+    recipe seeds ``seed, seed + 1, ...`` (``teacher.recipes.<name>.seed``), written into ``cfg``. For
+    a run that sets the size, or a method that weighs an ensemble, given one teacher.
+
+    Raises:
+        ConfigError: If ``teacher.ckpt`` gives the one teacher's weights, or the size is below 2.
+    """
+    from omegaconf import OmegaConf, open_dict
+
+    if OmegaConf.select(cfg, "teacher.ckpt"):
+        raise ConfigError("teacher.ckpt", "is one teacher's file but the method weighs an ensemble; give its members "
+                          "as model.teachers and their files as teacher.ckpts.<name>=PATH")
+    size = check_int("teacher.ensemble.size", OmegaConf.select(cfg, "teacher.ensemble.size", default=3), 2, valid=">= 2")
+    seed = int(cfg.teacher.recipe.seed)
+    with open_dict(cfg):
+        cfg.model.teachers = {f"seed{seed + i}": cfg.model.teacher for i in range(size)}
+        cfg.teacher.recipes = OmegaConf.merge({f"seed{seed + i}": {"seed": seed + i} for i in range(size)},
+                                              OmegaConf.select(cfg, "teacher.recipes") or {})
+    return dict(cfg.model.teachers.items())
+
+
 def build_ensemble(cfg: Any, criterion: nn.Module, *, num_classes: int, input_shape: tuple[int, ...]) -> TeacherEnsemble | None:
     """The run's teacher ensemble, its members built for the data (untrained), or None for one teacher.
 
     ``teacher.ensemble`` (all optional): ``combine`` (probs), ``temperature`` (the method's
-    ``temperature``, else 1), ``features_from`` (the first member).
+    ``temperature``, else 1), ``features_from`` (the first member). ``teacher.recipes.<name>``
+    changes a member's training recipe (``teacher.recipe``) where it is trained. A run that sets
+    ``teacher.ensemble.size``, or a method that weighs an ensemble (``requires_ensemble``), given
+    ``model.teacher`` only gets ``seed_ensemble``.
 
     Raises:
         ConfigError: On a bad member config, a ``teacher.ckpts`` name that is no member, or
@@ -190,15 +215,18 @@ def build_ensemble(cfg: Any, criterion: nn.Module, *, num_classes: int, input_sh
     from kd.models.build import build_model
 
     members = ensemble_settings(cfg)
+    sized = OmegaConf.select(cfg, "teacher.ensemble.size") is not None
+    if members is None and (sized or getattr(criterion, "requires_ensemble", False)):
+        members = seed_ensemble(cfg)
     if members is None:
         return None
     if OmegaConf.select(cfg, "teacher.ckpt"):
         raise ConfigError("teacher.ckpt", "is one teacher's file but model.teachers names an ensemble; give each "
                           "member's as teacher.ckpts.<name>=PATH")
-    ckpts = OmegaConf.select(cfg, "teacher.ckpts") or {}
-    unknown = sorted(set(ckpts) - set(members))
-    if unknown:
-        raise ConfigError(f"teacher.ckpts.{unknown[0]}", f"names no teacher of model.teachers ({', '.join(members)})")
+    for key in ("ckpts", "recipes"):
+        unknown = sorted(set(OmegaConf.select(cfg, f"teacher.{key}") or {}) - set(members))
+        if unknown:
+            raise ConfigError(f"teacher.{key}.{unknown[0]}", f"names no teacher of model.teachers ({', '.join(members)})")
     nets = {name: build_model(node, key=f"model.teachers.{name}", num_classes=num_classes, input_shape=input_shape)
             for name, node in members.items()}
     settings = OmegaConf.select(cfg, "teacher.ensemble") or {}

@@ -163,6 +163,7 @@ def _get_ensemble(cfg: DictConfig, datamodule: L.LightningDataModule, ensemble: 
         with open_dict(mcfg):
             mcfg.model.teacher = node
             mcfg.teacher.ckpt = ckpts.get(name)
+            mcfg.teacher.recipe = OmegaConf.merge(cfg.teacher.recipe, OmegaConf.select(cfg, f"teacher.recipes.{name}") or {})
         log.info("teacher ensemble: member %s", name)
         members[name] = get_teacher(mcfg, datamodule, ensemble.members[name], features.members[name], device)
     metrics = _evaluate_as_is(cfg, teacher_run_config(cfg), ensemble, datamodule)

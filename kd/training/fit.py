@@ -20,7 +20,7 @@ from kd.losses.base import DistillationLoss
 from kd.models.features import FeatureExtractor
 from kd.models.weights import load_checkpoint, state_dict_mismatch
 from kd.teacher.cache import TeacherCache
-from kd.training.module import DistillationModule
+from kd.training.module import ENSEMBLE, DistillationModule
 from kd.training.stages import run_stages
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,11 @@ class FitResult:
         epochs: Epochs trained.
         module: The trained module, holding the selected weights.
         stages: What the method's preliminary stages did (``kd.training.stages.run_stages``).
+        peers: For each peer (``model.peers``), the same as the student's: ``selected``,
+            ``best_epoch``, ``checkpoint``, ``metrics`` (of its own best-validation checkpoint,
+            ``val/<name>/acc``), ``final_metrics``; and ``state_dict``, its selected weights.
+        ensemble: The peers' and the student's ensemble (the mean of their probabilities):
+            ``metrics`` at the student's selected checkpoint, ``final_metrics`` after the last epoch.
     """
 
     metrics: dict[str, float]
@@ -50,6 +55,8 @@ class FitResult:
     epochs: int
     module: DistillationModule = field(repr=False)
     stages: list[dict[str, Any]] = field(default_factory=list)
+    peers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    ensemble: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def build_optimization(cfg: DictConfig, prefix: str = "") -> tuple[Callable[..., Any], Callable[..., Any] | None]:
@@ -111,6 +118,7 @@ def fit(
     channels_last: bool = False,
     compile: bool = False,
     resume: Path | None = None,
+    peers: dict[str, nn.Module] | None = None,
 ) -> FitResult:
     """Trains, then evaluates the final weights and the best-validation checkpoint.
 
@@ -133,6 +141,7 @@ def fit(
         compile: ``torch.compile`` the student's and teacher's forward.
         resume: A checkpoint of this run to continue from (``kd.training.checkpoints``): weights,
             optimizer, scheduler, callbacks, random generators and the position in the epoch.
+        peers: Networks that train with the student (``DistillationModule``'s ``peers``).
 
     Returns:
         The measured metrics and the trained module.
@@ -143,7 +152,7 @@ def fit(
         student=student, criterion=criterion, optimizer=optimizer,
         num_classes=datamodule.num_classes, teacher=teacher, scheduler=scheduler,
         student_features=student_fx, teacher_features=teacher_fx, teacher_cache=teacher_cache,
-        channels_last=channels_last, compile=compile,
+        channels_last=channels_last, compile=compile, peers=peers,
     )
     stages = criterion.stages()
     report: list[dict[str, Any]] = []
@@ -159,20 +168,56 @@ def fit(
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume is not None else None)
     park_hpc_checkpoints(trainer)
     epochs = _epochs_trained(trainer)
-    final = evaluate(trainer, module, datamodule)
+    final, final_peers = split_peer_metrics(evaluate(trainer, module, datamodule), module.peers)
+    selected_peers = select_peers(trainer, module, datamodule, final_peers)  # before the student's: last loaded
 
     ckpt = trainer.checkpoint_callback
     best_path = ckpt.best_model_path if isinstance(ckpt, ModelCheckpoint) and ckpt.monitor else ""
     if not best_path:
-        return FitResult(final, final, "final", None, None, epochs, module, report)
-    best = evaluate(trainer, module, datamodule, ckpt_path=best_path)
+        ensemble = {"metrics": final_peers.get(ENSEMBLE, {}), "final_metrics": final_peers.get(ENSEMBLE, {})}
+        return FitResult(final, final, "final", None, None, epochs, module, report, selected_peers,
+                         ensemble if module.peers else {})
+    best, best_peers = split_peer_metrics(evaluate(trainer, module, datamodule, ckpt_path=best_path), module.peers)
     if trainer.world_size > 1:  # ddp_spawn/ddp_fork restored the checkpoint in their workers only
         checkpoint = torch.load(best_path, map_location="cpu", weights_only=True)
         module.on_load_checkpoint(checkpoint)  # the teacher, left out of checkpoints
         module.load_state_dict(checkpoint["state_dict"])
     best_epoch = _checkpoint_epoch(best_path)
     log.info("selected %s (epoch %s) on %s", Path(best_path).name, best_epoch, ckpt.monitor)
-    return FitResult(best, final, "best_val", best_path, best_epoch, epochs, module, report)
+    ensemble = {"metrics": best_peers.get(ENSEMBLE, {}), "final_metrics": final_peers.get(ENSEMBLE, {})}
+    return FitResult(best, final, "best_val", best_path, best_epoch, epochs, module, report, selected_peers,
+                     ensemble if module.peers else {})
+
+
+def split_peer_metrics(metrics: dict[str, float], peers: Any) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """The student's metrics (``val/acc``), and each peer's and the ensemble's (``val/<name>/acc``)
+    by name, as ``val/acc``."""
+    names = [*peers, ENSEMBLE] if len(peers) else []
+    own = {k: v for k, v in metrics.items() if k.split("/")[1] not in names or k.count("/") < 2}
+    by_name = {name: {k.replace(f"/{name}/", "/", 1): v for k, v in metrics.items() if k.split("/")[1] == name
+                      and k.count("/") == 2} for name in names}
+    return own, by_name
+
+
+def select_peers(trainer: L.Trainer, module: DistillationModule, datamodule: L.LightningDataModule,
+                 final: dict[str, dict[str, float]]) -> dict[str, dict[str, Any]]:
+    """Each peer's selected weights and metrics: of its own best-validation checkpoint
+    (``kd.training.prepare.peer_checkpoints``) when it has one, else its final weights."""
+    selected: dict[str, dict[str, Any]] = {}
+    for name, net in module.peers.items():
+        final_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+        entry = {"selected": "final", "best_epoch": None, "checkpoint": None, "metrics": final[name],
+                 "final_metrics": final[name], "state_dict": final_state}
+        path = next((cb.best_model_path for cb in trainer.callbacks  # type: ignore[attr-defined]
+                     if isinstance(cb, ModelCheckpoint) and cb.monitor == f"val/{name}/acc" and cb.best_model_path), "")
+        if path:
+            metrics = split_peer_metrics(evaluate(trainer, module, datamodule, ckpt_path=path), module.peers)[1][name]
+            prefix = f"peers.{name}."
+            state = load_checkpoint(path, mmap=True)["state_dict"]
+            entry.update(selected="best_val", best_epoch=_checkpoint_epoch(path), checkpoint=path, metrics=metrics,
+                         state_dict={k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+        selected[name] = entry
+    return selected
 
 
 def park_hpc_checkpoints(trainer: L.Trainer) -> None:

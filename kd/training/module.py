@@ -15,13 +15,16 @@ from torchmetrics.classification import MulticlassAccuracy
 from kd.errors import ConfigError, Diverged
 from kd.losses.base import DistillationLoss
 from kd.models.features import FeatureExtractor
-from kd.outputs import Batch, ModelOutput
+from kd.outputs import STUDENT, Batch, ModelOutput
 from kd.teacher.cache import TeacherCache
+from kd.teacher.ensemble import ensemble_logits
 
 OptimizerFactory = Callable[..., Optimizer]
 SchedulerFactory = Callable[[Optimizer], Any]
 
 
+# the peers' ensemble in metric names (val/ensemble/acc)
+ENSEMBLE = "ensemble"
 # checkpoint key of the training metrics' state inside the epoch: a run resumed from a step
 # checkpoint logs the whole epoch's accuracy and loss means, not those of the steps after the resume
 EPOCH_METRICS = "kd_epoch_metrics"
@@ -32,6 +35,26 @@ def _accuracy(num_classes: int) -> MetricCollection:
     if num_classes > 5:
         metrics["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
     return MetricCollection(metrics)
+
+
+def check_peers(criterion: DistillationLoss, peers: dict[str, nn.Module] | None) -> None:
+    """Checks networks that train together (``model.peers``) go with a method that trains them.
+
+    Raises:
+        ConfigError: Peers for a one-student method, none for a method of peers, or a peer name
+            that is not a plain identifier (or is ``student`` or ``ensemble``).
+    """
+    method = type(criterion).__name__
+    if peers and not criterion.trains_peers:
+        raise ConfigError("model.peers", f"names networks to train together, but {method} trains one student; "
+                          "pick a method of peers (distill=dml, kdcl) or remove model.peers")
+    if criterion.trains_peers and not peers:
+        raise ConfigError("model.peers", f"{method} trains peers together: give at least one beside the student, "
+                          "e.g. +model/student@model.peers.peer1=resnet32")
+    for name in peers or {}:
+        if not name.isidentifier() or name in (STUDENT, ENSEMBLE):
+            raise ConfigError(f"model.peers.{name}", f"a peer's name must be an identifier other than {STUDENT} "
+                              f"and {ENSEMBLE}")
 
 
 def _cloned(out: ModelOutput) -> ModelOutput:
@@ -65,9 +88,15 @@ class DistillationModule(L.LightningModule):
         channels_last: Keep conv weights and image batches in channels-last memory layout.
         compile: ``torch.compile`` the student's and the teacher's forward (their feature
             extractors are built first, then compiled).
+        peers: Networks that train with the student, by name, for methods that train several
+            (``criterion.trains_peers``: DML, KDCL). One optimizer steps them all; the criterion
+            gets every network's output as ``student.members`` (the student's under ``student``);
+            each is evaluated alone (``val/<name>/acc``, ...) and so is their ensemble
+            (``val/ensemble/acc``: the mean of their probabilities).
 
     Raises:
-        ConfigError: If the criterion needs a teacher and none is given.
+        ConfigError: If the criterion needs a teacher and none is given, or peers and the
+            criterion disagree.
     """
 
     def __init__(
@@ -84,15 +113,19 @@ class DistillationModule(L.LightningModule):
         teacher_cache: TeacherCache | None = None,
         channels_last: bool = False,
         compile: bool = False,
+        peers: dict[str, nn.Module] | None = None,
     ) -> None:
         super().__init__()
         if criterion.requires_teacher and teacher is None:
             raise ConfigError("distill", f"{type(criterion).__name__} needs a teacher; none given")
+        check_peers(criterion, peers)
         if scheduler_interval not in ("epoch", "step"):
             raise ConfigError("scheduler_interval", f"must be epoch or step, got {scheduler_interval}")
         self.student = student
         self.criterion = criterion
         self.teacher = teacher
+        self.peers = nn.ModuleDict(peers or {})
+        self.peer_features = {name: FeatureExtractor(net, [], key="", input_shape=()) for name, net in self.peers.items()}
         if teacher is not None:
             teacher.requires_grad_(False)
             teacher.eval()
@@ -119,6 +152,11 @@ class DistillationModule(L.LightningModule):
         self._resumed_epoch: dict[str, Any] | None = None  # see on_load_checkpoint
         self.val_metrics = acc.clone(prefix="val/")
         self.test_metrics = acc.clone(prefix="test/")
+        # each peer's and the ensemble's: val/<name>/acc, ...
+        self.peer_metrics = nn.ModuleDict({
+            stage: nn.ModuleDict({name: acc.clone(prefix=f"{stage}/{name}/") for name in (*self.peers, ENSEMBLE)})
+            for stage in ("val", "test")
+        } if self.peers else {})
 
     def train(self, mode: bool = True) -> DistillationModule:
         """Sets train/eval mode on everything but the teacher, which stays in eval mode."""
@@ -153,7 +191,7 @@ class DistillationModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         if self.channels_last:
-            for model in (self.student, self.teacher):
+            for model in (self.student, self.teacher, *self.peers.values()):
                 if model is not None:
                     model.to(memory_format=torch.channels_last)
         if self.teacher_cache is not None and self.device.type == "cuda":
@@ -170,6 +208,8 @@ class DistillationModule(L.LightningModule):
         self.student_features.sync()
         if self.teacher_features is not None:
             self.teacher_features.sync()
+        for fx in self.peer_features.values():
+            fx.sync()
 
     def _call(self, extractor: FeatureExtractor, x: Tensor) -> ModelOutput:
         """``extractor(x)``, compiled under ``compile``.
@@ -180,13 +220,16 @@ class DistillationModule(L.LightningModule):
         return extractor.compiled()(x) if self.compile else extractor(x)
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
-        """Student and criterion parameters: everything the optimizer updates, never the teacher."""
-        for module in (self.student, self.criterion):
+        """Student, peer and criterion parameters: everything the optimizer updates, never the teacher."""
+        for module in (self.student, *self.peers.values(), self.criterion):
             yield from (p for p in module.parameters() if p.requires_grad)
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         x, y = self._input(batch), batch["target"]  # (B, ...), (B,)
         student = self._call(self.student_features, x)
+        if self.peers:  # every network that trains, by name, for the criterion
+            outs = {STUDENT: student, **{name: self._call(fx, x) for name, fx in self.peer_features.items()}}
+            student = ModelOutput(student.logits, student.features, outs)
         if "pair_input" in batch:  # same-class partners (kd.data.pairs): the student's outputs, no gradient
             with torch.no_grad():
                 batch["pair_logits"] = self._call(self.student_features, self._input({"input": batch["pair_input"]})).logits
@@ -239,6 +282,13 @@ class DistillationModule(L.LightningModule):
         self.log(f"{stage}/loss", loss, batch_size=len(y), sync_dist=True)
         metrics.update(logits, y)
         self.log_dict(metrics, batch_size=len(y), prog_bar=stage == "val")
+        if self.peers:
+            outs = {STUDENT: logits, **{name: net(x) for name, net in self.peers.items()}}
+            outs[ENSEMBLE] = ensemble_logits(list(outs.values()))
+            for name, peer_metrics in self.peer_metrics[stage].items():
+                self.log(f"{stage}/{name}/loss", nn.functional.cross_entropy(outs[name], y), batch_size=len(y), sync_dist=True)
+                peer_metrics.update(outs[name], y)
+                self.log_dict(peer_metrics, batch_size=len(y))
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         self._eval_step(batch, self.val_metrics, "val")

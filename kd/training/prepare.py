@@ -11,6 +11,7 @@ anywhere fails in seconds, not after the teacher's hour.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import random
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
@@ -38,6 +40,7 @@ from kd.training.checkpoints import RunSettings, SafeCheckpointIO, StepSeeds, fi
 from kd.training.fit import build_optimization
 from kd.training.loggers import continue_history
 from kd.training.method import prepare_method
+from kd.training.module import check_peers
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +54,7 @@ class Job:
         datamodule: The data.
         criterion: The distillation method.
         student: The network to train.
+        peers: Networks that train with the student (``model.peers``), by name; empty for one student.
         teacher: The teacher's network, untrained until ``kd.teacher.source.get_teacher``
             gives it weights; None for a method without a teacher.
         features: The student's and the teacher's feature extractors.
@@ -68,6 +72,7 @@ class Job:
     datamodule: DataModule
     criterion: DistillationLoss
     student: nn.Module
+    peers: dict[str, nn.Module]
     teacher: nn.Module | None
     features: tuple[FeatureExtractor, FeatureExtractor | None]
     optimization: tuple[Callable[..., Any], Callable[..., Any] | None]
@@ -109,6 +114,8 @@ def prepare(cfg: DictConfig) -> Job:
     shape = tuple(datamodule.input_shape)
     fits = {"num_classes": datamodule.num_classes, "input_shape": shape}
     student = build_model(cfg.model.student, key="model.student", **fits)
+    peers = {name: build_model(node, key=f"model.peers.{name}", **fits) for name, node in peer_configs(cfg, criterion).items()}
+    check_peers(criterion, peers)
     teacher = None
     if criterion.requires_teacher:  # model.teachers: an ensemble of frozen teachers, else model.teacher
         teacher = build_ensemble(cfg, criterion, **fits) or build_model(cfg.model.teacher, key="model.teacher", **fits)
@@ -121,7 +128,7 @@ def prepare(cfg: DictConfig) -> Job:
     trainer = instantiate_checked(
         cfg.trainer, "trainer", logger=loggers or False, plugins=[SafeCheckpointIO(allow_pickle=allow_pickle)],
         callbacks=[StepSeeds(seed), RunSettings(resolved, history["overrides"], history["resumes"]),
-                   *instantiate_group(cfg.get("callbacks"), "callbacks")],
+                   *instantiate_group(cfg.get("callbacks"), "callbacks"), *peer_checkpoints(cfg, peers)],
     )
     for cb in compressions(trainer.callbacks):  # type: ignore[attr-defined]
         cb.preflight(trainer, student, reads_features=bool(features[0].nodes), input_shape=shape)
@@ -129,8 +136,32 @@ def prepare(cfg: DictConfig) -> Job:
         loops = (saved.get("loops") or {}).get("fit_loop") or {}
         continue_history(loggers, output_dir, int(loops.get("epoch_loop.state_dict", {}).get(
             "_batches_that_stepped", saved.get("global_step", 0))))
-    return Job(seed, datamodule, criterion, student, teacher, features, optimization, loggers, trainer, resume,
+    return Job(seed, datamodule, criterion, student, peers, teacher, features, optimization, loggers, trainer, resume,
                allow_pickle, resolved, history)
+
+
+def peer_configs(cfg: DictConfig, criterion: DistillationLoss) -> dict[str, Any]:
+    """The model configs of the networks that train with the student (``model.peers``), by name.
+
+    A method of peers given none gets one of the student's architecture, named ``peer`` (DML's
+    two networks of one kind), written into ``cfg`` so the record and ``kd-eval`` see it.
+    """
+    peers = OmegaConf.select(cfg, "model.peers")
+    if not peers and criterion.trains_peers:
+        with open_dict(cfg):
+            cfg.model.peers = {"peer": copy.deepcopy(cfg.model.student)}
+        peers = cfg.model.peers
+    return dict((peers or {}).items())
+
+
+def peer_checkpoints(cfg: DictConfig, peers: dict[str, nn.Module]) -> list[ModelCheckpoint]:
+    """Each peer's best-validation checkpoint (``val/<name>/acc``, in ``checkpoints/<name>/``), made
+    like the student's (``callbacks.model_checkpoint``); none without it."""
+    node = OmegaConf.select(cfg, "callbacks.model_checkpoint")
+    if not peers or node is None:
+        return []
+    return [instantiate_checked(node, "callbacks.model_checkpoint", monitor=f"val/{name}/acc",
+                                dirpath=str(Path(node.dirpath) / name), save_last=False) for name in peers]
 
 
 def resume_history(resume: Path | None, saved: dict[str, Any], resolved: dict[str, Any]) -> dict[str, Any]:

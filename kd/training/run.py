@@ -69,7 +69,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             teacher=teacher.net if teacher else None, trainer=job.trainer, optimization=job.optimization,
             features=job.features, make_stage_trainer=stage_trainer(cfg),
             teacher_cache=teacher.cache if teacher else None, channels_last=bool(cfg.speed.channels_last),
-            compile=bool(cfg.speed.compile), resume=job.resume,
+            compile=bool(cfg.speed.compile), resume=job.resume, peers=job.peers,
         )
         record_run(record, job, teacher, result)
         if job.trainer.is_global_zero and cfg.report.enabled:
@@ -93,7 +93,9 @@ def record_run(record: RunRecord, job: Job, teacher: Teacher | None, result: Fit
     weights = output_dir / STUDENT_WEIGHTS
     student = result.module.student  # the compression callbacks may have replaced it
     test_size = len(job.datamodule.test_dataloader().dataset)
-    for metrics in (result.metrics, result.final_metrics):  # misclassified test images, as papers count them
+    every = (result.metrics, result.final_metrics, *result.ensemble.values(),
+             *(m for peer in result.peers.values() for m in (peer["metrics"], peer["final_metrics"])))
+    for metrics in every:  # misclassified test images, as papers count them
         if "test/acc" in metrics:
             metrics["test/errors"] = round((1.0 - metrics["test/acc"]) * test_size)
     record.fields.update({
@@ -110,11 +112,21 @@ def record_run(record: RunRecord, job: Job, teacher: Teacher | None, result: Fit
             "metrics": result.metrics, "final_metrics": result.final_metrics,
         },
         **({"resumes": job.history["resumes"]} if job.history["resumes"] else {}),
+        **({"peers": {name: {"params": count_parameters(job.peers[name]), "weights": str(peer_weights(output_dir, name)),
+                             **{k: v for k, v in peer.items() if k != "state_dict"}, "epochs": result.epochs}
+                      for name, peer in result.peers.items()}, "ensemble": result.ensemble} if result.peers else {}),
         "config": job.resolved,
     })
     if job.trainer.is_global_zero:
         # the selected student alone, as trained: no teacher, no auxiliary modules of the method
         save_atomic(student.state_dict(), weights)
+        for name, peer in result.peers.items():  # each peer's, loadable alone like student.pt (kd-eval)
+            save_atomic(peer["state_dict"], peer_weights(output_dir, name))
+
+
+def peer_weights(run_dir: Path, name: str) -> Path:
+    """Where a peer's selected weights go: ``<run>/peers/<name>/student.pt``."""
+    return run_dir / "peers" / name / STUDENT_WEIGHTS
 
 
 def complete(record: RunRecord, job: Job) -> dict[str, Any]:
