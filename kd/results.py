@@ -369,10 +369,18 @@ def summary_table(results: dict[str, Any]) -> str:
             rows.append((label, f"{info['params']:,}", _pct(m.get("val/acc")), _pct(m.get("test/acc")), "     -"))
     student = results["student"]
     m, f = student["metrics"], student["final_metrics"]
+    for link in (results.get("chain") or {}).get("links", []):  # the links before this run, in order
+        m, f = link["student"]["metrics"], link["student"]["final_metrics"]
+        rows.append((f"link {link['name']}", f"{link['student']['params']:,}", _pct(m.get("val/acc")),
+                     _pct(m.get("test/acc")), _pct(f.get("test/acc"))))
+    m, f = student["metrics"], student["final_metrics"]
     rows.append(("student", f"{student['params']:,}", _pct(m.get("val/acc")), _pct(m.get("test/acc")), _pct(f.get("test/acc"))))
     for name, peer in (results.get("peers") or {}).items():
         m, f = peer["metrics"], peer["final_metrics"]
         rows.append((f"peer {name}", f"{peer['params']:,}", _pct(m.get("val/acc")), _pct(m.get("test/acc")), _pct(f.get("test/acc"))))
+    chained = (results.get("chain") or {}).get("ensemble")
+    if chained:
+        rows.append(("generations", f"{chained['params']:,}", _pct(chained.get("val/acc")), _pct(chained.get("test/acc")), "     -"))
     if results.get("ensemble"):
         m, f = results["ensemble"]["metrics"], results["ensemble"]["final_metrics"]
         params = student["params"] + sum(p["params"] for p in results["peers"].values())
@@ -388,6 +396,10 @@ def summary_table(results: dict[str, Any]) -> str:
             notes.append(f"teacher{' ' + name if name else ''}: {how.get(info['source'], info['source'])} {info['path']}")
     selected = "best-validation checkpoint" if student["selected"] == "best_val" else "final weights"
     notes.append(f"student: {results['method']}, val/test of the {selected}" + (f" (epoch {student['best_epoch']})" if student.get("best_epoch") is not None else ""))
+    if results.get("chain"):
+        reused = [link["name"] for link in results["chain"]["links"] if link["reused"]]
+        notes.append(f"chain: each link taught by the one above it (stored in {Path(results['chain']['links'][0]['run_dir']).parent}"
+                     f"{'; reused: ' + ', '.join(reused) if reused else ''}); generations: the mean of their probabilities")
     if results.get("peers"):
         notes.append("peers: each at its own best-validation checkpoint (peers/<name>/student.pt); the ensemble (mean "
                      "of the probabilities of the student and its peers) at the student's")

@@ -195,7 +195,10 @@ def test_every_experiment_runs_end_to_end(make_cfg, tmp_path: Path, monkeypatch,
     results = run(make_cfg(*overrides))
     assert results["status"] == "completed"
     assert (results["teacher"] is None) == (not instantiate(cfg.distill).requires_teacher)  # Tf-KD_reg: none
-    if results["teacher"] is not None:  # a teacher pretrained in full is used as is; an ensemble's members alike
+    chained = results.get("chain")  # the last link of a chain learns from the link before it, stored in the chain
+    if chained:
+        assert results["teacher"]["path"] == chained["links"][-1]["student"]["weights"]
+    elif results["teacher"] is not None:  # a teacher pretrained in full is used as is; an ensemble's members alike
         for teacher in (results["teacher"].get("members") or {"": results["teacher"]}).values():
             assert teacher["source"] == ("pretrained" if cfg.model.teacher.get("weights") else "trained")
     for name, node in (results["config"]["model"].get("peers") or {}).items():  # each peer trained and saved
@@ -319,6 +322,15 @@ def test_the_experiments_of_peers_and_ensembles_follow_their_recipes(make_cfg) -
     mixed = make_cfg("experiment=cifar100_dml_wrn28_10_resnet32", fast=False).model
     assert (mixed.peers.wrn.depth, mixed.peers.wrn.widen_factor, mixed.student._target_) == (
         28, 10, "kd.models.cifar.resnet.resnet32")
+    ban = make_cfg("experiment=cifar100_ban_wrn28_1", fast=False)
+    assert (ban.chain.generations, ban.distill.temperature, ban.distill.ce_weight) == (3, 1.0, 0.0)
+    assert ban.model.teacher == ban.model.student and ban.model.student.depth == 28 and ban.model.student.widen_factor == 1
+    assert (ban.trainer.max_epochs, ban.optimizer.lr, list(ban.scheduler.milestones)) == (200, 0.1, [60, 120, 160])
+    assert ban.teacher.recipe.max_epochs == 200 and ban.teacher.recipe.optimizer.lr == 0.1
+    takd = make_cfg("experiment=cifar100_takd_resnet110_resnet8", fast=False)
+    assert takd.chain.links.assistant.model._target_ == "kd.models.cifar.resnet.resnet20"
+    assert (takd.model.teacher._target_, takd.model.student._target_) == (
+        "kd.models.cifar.resnet.resnet110", "kd.models.cifar.resnet.resnet8")
     cfg = make_cfg("experiment=cifar100_camkd", fast=False)
     assert cfg.teacher.ensemble.size == 3 and cfg.model.teacher._target_ == "kd.models.cifar.resnet.resnet32x4"
     assert (cfg.optimizer.lr, cfg.optimizer.nesterov, cfg.trainer.max_epochs, cfg.distill.temperature) == (0.05, True, 240, 4.0)

@@ -103,6 +103,18 @@ def test_wandb_offline_run_holds_config_losses_and_results(cli, tmp_path: Path, 
     assert "WANDB_MODE" not in os.environ  # Lightning's process-wide dryrun is undone
 
 
+def test_wandb_holds_each_peer_and_the_ensemble(cli, tmp_path: Path, no_wandb_env) -> None:
+    run_dir = tmp_path / "r"
+    assert cli("logger=wandb", "debug=fdr", "distill=dml", f"hydra.run.dir={run_dir}") == 0
+    results = json.loads((run_dir / "results.json").read_text())
+    stored = read_offline_run(run_dir)
+    assert {"train/loss_kl", "train/loss_kl_peer", "val/peer/acc", "val/ensemble/acc", "test/peer/acc"} <= stored["history"]
+    summary = stored["summary"]
+    assert summary["peer/peer/test/acc"] == results["peers"]["peer"]["metrics"]["test/acc"]
+    assert summary["ensemble/test/acc"] == results["ensemble"]["metrics"]["test/acc"]
+    assert summary["results"]["peers"]["peer"]["weights"] == str(run_dir / "peers" / "peer" / "student.pt")
+
+
 def test_wandb_with_a_key_and_no_server_starts_offline_at_once(make_cfg, tmp_path: Path, no_wandb_env, monkeypatch,
                                                                caplog) -> None:
     monkeypatch.setenv("WANDB_API_KEY", DUMMY_KEY)

@@ -314,3 +314,24 @@ def test_runs_of_different_datasets_are_never_pooled_into_one_cell(tmp_path: Pat
     assert build_table(runs, ["dataset"], ["method"]).col_keys == ["method"]  # asked for: not added twice
     one = find_runs([tmp_path / "2", tmp_path / "3"])
     assert build_table(one, ["student"], ["method"]).col_keys == ["method"]  # one dataset: the table as before
+
+
+def test_peers_links_and_ensembles_get_a_row_each(tmp_path: Path) -> None:
+    base = job(tmp_path / "s", "0", ["distill=dml"], 0.70, method="DMLLoss")
+    results = json.loads((base / "results.json").read_text())
+    peer = {"metrics": {"test/acc": 0.68}, "final_metrics": {"test/acc": 0.66}, "params": 10}
+    results.update(peers={"p": peer}, ensemble={"metrics": {"test/acc": 0.74}, "final_metrics": {"test/acc": 0.73}})
+    (base / "results.json").write_text(json.dumps(results))
+    chained = job(tmp_path / "s", "1", ["distill=kd"], 0.80, teacher=T1)
+    results = json.loads((chained / "results.json").read_text())
+    results["chain"] = {"links": [{"name": "gen1", "student": {"metrics": {"test/acc": 0.78}, "final_metrics": {}}}],
+                        "ensemble": {"test/acc": 0.83, "val/acc": 0.8}}
+    (chained / "results.json").write_text(json.dumps(results))
+    table = build_table(find_runs([tmp_path / "s"]), ["student"], ["method"])
+    assert table.row_keys == ["student", "role"]  # added: a peer is never pooled with a student
+    means = {(r[-1], c[0]): cell.mean for (r, c), cell in table.cells.items()}
+    assert means == {("student", "dml"): 70.0, ("peer p", "dml"): 68.0, ("ensemble", "dml"): 74.0,
+                     ("student", "kd"): 80.0, ("link gen1", "kd"): 78.0, ("generations", "kd"): 83.0}
+    assert {c[0]: cell.n for c, cell in table.teacher.items()} == {"kd": 1}  # the chain's teacher once
+    final = build_table(find_runs([tmp_path / "s"]), ["role"], ["method"], final=True)
+    assert final.cells[(("peer p",), ("dml",))].mean == 66.0

@@ -126,6 +126,37 @@ def metric_value(run: Run, metric: str, *, final: bool = False) -> float | None:
     return float(value) if isinstance(value, (int, float)) else None
 
 
+ROLE = "role"
+"""The key of a network's role in a run (``kd-table --rows role``): ``student``, ``peer <name>``,
+``ensemble`` (of the student and its peers), ``link <name>`` (a chain's earlier links) or
+``generations`` (the ensemble of a chain's students)."""
+
+
+def with_roles(runs: list[Run]) -> list[Run]:
+    """The runs, and for a run of several networks one more per network it reports besides its
+    student (``kd.sweeps.runs.ROLE``), each with that network's record as ``student``.
+
+    Only the student keeps the teacher (``teacher`` is None in the others): a teacher row counts it once.
+    """
+    out: list[Run] = []
+    for run in runs:
+        results = run.results
+        if run.status != "completed" or not results:
+            out.append(run)
+            continue
+        chain = results.get("chain") or {}
+        roles: list[tuple[str, dict[str, Any]]] = [(f"link {link['name']}", link["student"]) for link in chain.get("links", [])]
+        if chain.get("ensemble"):
+            roles.append(("generations", {"metrics": chain["ensemble"], "final_metrics": {}}))
+        roles += [(f"peer {name}", peer) for name, peer in (results.get("peers") or {}).items()]
+        if results.get("ensemble"):
+            roles.append(("ensemble", results["ensemble"]))
+        out.append(Run(run.where, run.status, run.overrides, {**results, ROLE: "student"}, run.error))
+        out += [Run(run.where, run.status, run.overrides, {**results, ROLE: role, "student": record, "teacher": None}, run.error)
+                for role, record in roles]
+    return out
+
+
 def _natural(path: Path) -> list[Any]:
     """Sorts job 10 after job 9."""
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", str(path))]

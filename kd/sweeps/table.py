@@ -20,12 +20,14 @@ from kd.sweeps.formats import MISSING, Cell, Label, Table
 from kd.sweeps.runs import (
     ALIASES,
     BASELINE_METHOD,
+    ROLE,
     Run,
     TableError,
     dig,
     is_method_key,
     key_value,
     metric_value,
+    with_roles,
 )
 
 
@@ -106,6 +108,9 @@ def build_table(runs: list[Run], rows: list[str], cols: list[str], *, metric: st
     Raises:
         TableError: For a key no run has, or a baseline the method axis does not hold.
     """
+    runs = with_roles(runs)  # the peers, links and ensembles of runs of several networks, one run each
+    if any(key_value(r, ROLE) not in (None, "student") for r in runs) and ROLE not in (*rows, *cols):
+        rows = [*rows, ROLE]  # never pooled with the students
     check_keys(runs, [k for k in (*rows, *cols) if k != "dataset"])
     data = datasets(runs)
 

@@ -408,8 +408,9 @@ def finish_loggers(loggers: Sequence[Logger], results: Mapping[str, Any]) -> Non
 
     The summary holds the whole results under ``results`` (a contract: ``kd-table --wandb``
     reads ``run.summary["results"]``), the headline accuracies ``test/acc`` (the selected
-    weights), ``final/test/acc`` and ``teacher/test/acc``, and the compression report as the
-    table ``compression_report`` when there is one.
+    weights), ``final/test/acc`` and ``teacher/test/acc`` (and those of the other networks,
+    ``role_headlines``), and the compression report as the table ``compression_report`` when
+    there is one.
     """
     for logger in loggers:
         if not isinstance(logger, WandbLogger) or logger._experiment is None:
@@ -421,11 +422,28 @@ def finish_loggers(loggers: Sequence[Logger], results: Mapping[str, Any]) -> Non
             "final/test/acc": (student.get("final_metrics") or {}).get("test/acc"),
             "teacher/test/acc": ((results.get("teacher") or {}).get("metrics") or {}).get("test/acc"),
         }
+        headline.update(role_headlines(results))
         rows = (results.get("report") or {}).get("rows")
         if rows:
             run.log({"compression_report": report_table(rows)})
         run.summary.update({"results": dict(results), **{k: v for k, v in headline.items() if v is not None}})
         run.finish()
+
+
+def role_headlines(results: Mapping[str, Any]) -> dict[str, float]:
+    """The test accuracy of every other network of the run, for a W&B summary: ``teacher/<name>/test/acc``
+    (an ensemble's members), ``peer/<name>/test/acc``, ``ensemble/test/acc``, ``link/<name>/test/acc``
+    (a chain's earlier links) and ``generations/test/acc``."""
+    chain = results.get("chain") or {}
+    found = {
+        **{f"teacher/{n}/test/acc": m.get("metrics", {}).get("test/acc")
+           for n, m in ((results.get("teacher") or {}).get("members") or {}).items()},
+        **{f"peer/{n}/test/acc": p.get("metrics", {}).get("test/acc") for n, p in (results.get("peers") or {}).items()},
+        "ensemble/test/acc": ((results.get("ensemble") or {}).get("metrics") or {}).get("test/acc"),
+        **{f"link/{link['name']}/test/acc": link["student"]["metrics"].get("test/acc") for link in chain.get("links", [])},
+        "generations/test/acc": (chain.get("ensemble") or {}).get("test/acc"),
+    }
+    return {k: v for k, v in found.items() if v is not None}
 
 
 def abort_wandb_run() -> None:

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from kd.compress.deploy import deploy_and_report
 from kd.compress.report import format_report
@@ -23,6 +24,7 @@ from kd.errors import ConfigError, Diverged, Terminated
 from kd.models.build import count_parameters
 from kd.results import STUDENT_WEIGHTS, RunRecord, run_dir_state, save_atomic, summary_table, task_overrides
 from kd.teacher.source import Teacher, get_teacher
+from kd.training.chain import run_chain
 from kd.training.checkpoints import find_resume
 from kd.training.fit import FitResult, fit
 from kd.training.loggers import abort_wandb_run, finish_loggers, start_loggers
@@ -31,7 +33,7 @@ from kd.training.prepare import Job, prepare, stage_trainer
 log = logging.getLogger(__name__)
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
+def run(cfg: DictConfig, finish: Callable[[Job, FitResult], dict[str, Any]] | None = None) -> dict[str, Any]:
     """Runs one experiment: builds and checks everything, gets a teacher, trains, records, reports.
 
     Every input is checked before anything trains (``kd.training.prepare``). A teacher that is
@@ -40,8 +42,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     stays resumable. A run that raises leaves its record: ``results.json`` with
     ``status: failed`` when it diverged, ``failure.json`` otherwise.
 
+    A config with ``chain`` runs a chain of such runs, this one the last (``kd.training.chain``).
+
     Args:
         cfg: A config composed from ``conf/train.yaml``.
+        finish: Called after training with the job and its fit; what it returns is added to
+            ``results.json`` (a chain's ``chain`` entry).
 
     Returns:
         The content of ``results.json``.
@@ -52,6 +58,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         Terminated: On SIGTERM (exit status 143); the run stays resumable.
     """
     _quiet()
+    if OmegaConf.select(cfg, "chain"):
+        return run_chain(cfg, run)
     record = RunRecord(Path(cfg.paths.output_dir), task_overrides())
     job: Job | None = None
     try:
@@ -72,6 +80,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             compile=bool(cfg.speed.compile), resume=job.resume, peers=job.peers,
         )
         record_run(record, job, teacher, result)
+        if finish is not None:
+            record.fields.update(finish(job, result))
         if job.trainer.is_global_zero and cfg.report.enabled:
             report(cfg.report, record, job, teacher, result)
         results = complete(record, job)
