@@ -34,7 +34,7 @@ def test_unknown_option_fails_with_the_list_of_options(cli, capsys) -> None:
     assert cli("distill=kdd") == 2
     assert capsys.readouterr().err.splitlines() == [
         "kd-train: error: distill=kdd: no such option in conf/distill/; did you mean kd, rkd, dkd? valid: ab, at, camkd, "
-        "cc, crd, crd_kd, cskd, dist, dkd, dml, fitnet, fitnet_kd, fsp, ft, kd, kd_imagenet, kd_ls, kdcl, mlkd, none, "
+        "cc, crd, crd_kd, cskd, deit, dist, dkd, dml, fitnet, fitnet_kd, fsp, ft, kd, kd_imagenet, kd_ls, kdcl, mlkd, none, "
         "nst, ofd, pkt, reviewkd, rkd, sp, tfkd_reg, vid"]
 
 

@@ -29,8 +29,8 @@ def build_model(
 ) -> nn.Module:
     """Instantiates a model config so that it fits the data, and checks that it does.
 
-    ``num_classes`` (and ``in_channels`` / ``in_features``, the flattened input size, where the
-    constructor takes them) come from the data unless
+    ``num_classes`` (and ``in_channels`` / ``in_features``, the flattened input size, and
+    ``image_size``, the input's height and width, where the constructor takes them) come from the data unless
     the config sets them; a config value that disagrees with the data is an error. A dry forward
     pass on one zero input checks the output shape.
 
@@ -66,6 +66,8 @@ def build_model(
             )
         if given is None and name in params:
             kwargs[name] = value
+    if "image_size" in params and node.get("image_size") is None:  # a ViT's positional embedding is per image size
+        kwargs["image_size"] = tuple(input_shape[1:])
     model = instantiate_checked(node, key, **kwargs)
     check_output(model, key=key, num_classes=num_classes, input_shape=input_shape)
     return model

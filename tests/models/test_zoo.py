@@ -36,7 +36,7 @@ def test_zoo_model_size_and_output(name: str) -> None:
 
 
 def _data_of(target: str) -> tuple[tuple[int, ...], int]:
-    if target.startswith("kd.models.cifar."):
+    if target.startswith(("kd.models.cifar.", "kd.models.vit.")):
         return (3, 32, 32), 100
     if target == "kd.models.MLP":
         return (1, 28, 28), 10
