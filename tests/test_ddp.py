@@ -199,3 +199,22 @@ def test_csv_logger_copied_into_each_worker_keeps_one_whole_metrics_file(tmp_pat
         {"step": "9", "train/loss": "2.0", "val/acc": "0.5", "val/loss": ""},
         {"step": "0", "train/loss": "", "val/acc": "0.75", "val/loss": "1.0"},
     ]
+
+
+@pytest.mark.slow
+def test_ddp_trains_peers_together_and_scores_each_on_the_whole_split(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    code, out = kd_train(tmp_path, *SHORT, "trainer.max_epochs=1", "distill=dml", "report.enabled=false",
+                         f"hydra.run.dir={run_dir}")
+    assert code == 0, out[-3000:]
+    results = json.loads((run_dir / RESULTS_FILE).read_text())
+    peer = results["peers"]["peer"]
+    assert results["world_size"] == 2 and peer["selected"] == "best_val" and results["ensemble"]["metrics"]
+    # each network's metrics, gathered over the ranks, are those of its own weights on the whole split
+    for metrics, weights in ((results["student"]["metrics"], run_dir / STUDENT_WEIGHTS),
+                             (peer["metrics"], run_dir / "peers" / "peer" / STUDENT_WEIGHTS)):
+        recomputed = full_split_accuracy(weights, results["config"]["data"])
+        assert recomputed["test"]["test/n"] == 360
+        assert metrics["val/acc"] == pytest.approx(recomputed["val"]["test/acc"], abs=1e-6)
+        assert metrics["test/errors"] == recomputed["test"]["test/errors"]
+    assert not (run_dir / "train_ddp_process_1.log").read_text().count("Traceback")

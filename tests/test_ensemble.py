@@ -69,11 +69,12 @@ def test_the_soft_targets_are_the_average_of_each_teacher_read_from_its_own_cach
 
 def test_an_ensemble_run_records_every_teacher_and_the_ensemble(make_cfg, tmp_path: Path) -> None:
     member = tmp_path / "small.pt"
-    torch.save(torch.nn.Linear(1, 1).state_dict(), tmp_path / "wrong.pt")
     from kd.models import ConvNet
 
     torch.save(ConvNet(in_channels=1, num_classes=10, channels=[8, 16], depth=1, hidden=0, dropout=0.0).state_dict(), member)
-    results = run(make_cfg(*TWO, f"+teacher.ckpts.small={member}", "+teacher.ensemble.combine=logits"))
+    results = run(make_cfg(*TWO, f"+teacher.ckpts.small={member}", "+teacher.ensemble.combine=logits",
+                           "trainer.max_epochs=2", "trainer.limit_train_batches=4", "teacher.recipe.max_epochs=2"))
+    assert results["student"]["epochs"] == 2
     teacher = json.loads((tmp_path / "run" / "results.json").read_text())["teacher"]
     assert teacher == json.loads(json.dumps(results["teacher"]))
     assert teacher["source"] == "ensemble" and set(teacher["members"]) == {"big", "small"}
