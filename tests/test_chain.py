@@ -9,7 +9,7 @@ import pytest
 import torch
 from faults import kd_train
 
-from kd.errors import ConfigError
+from kd.errors import ConfigError, Diverged
 from kd.results import RESULTS_FILE, STUDENT_WEIGHTS
 from kd.training.chain import chain_links
 from kd.training.run import run
@@ -83,10 +83,26 @@ def test_chains_of_a_sweep_that_begin_alike_share_their_links(make_cfg, tmp_path
     assert [link["reused"] for link in third["chain"]["links"]] == [False]
 
 
-def test_bad_chains_fail_before_anything_trains(make_cfg) -> None:
+def test_bad_chains_fail_before_anything_trains(make_cfg, tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as e:
         chain_links(make_cfg("+chain.generations=1"))
     assert e.value.key == "chain.generations"
     with pytest.raises(ConfigError) as e:
         chain_links(make_cfg("+chain.links.a.overrides.trainer.max_epochs=1"))
     assert e.value.key == "chain.links.a"
+    typo = make_cfg(f"+model/student@chain.links.a.model={TINY}", "+chain.links.a.overrides.trainer.max_epoch=1",
+                    f"teacher.store_dir={tmp_path / 'store'}")
+    with pytest.raises(ConfigError, match="trainer.max_epoch is not a key of the run's config") as e:
+        run(typo)
+    assert e.value.key == "chain.links.a.overrides" and not (tmp_path / "store").exists()
+
+
+def test_a_link_that_diverged_is_named_when_the_chain_runs_again(make_cfg, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))  # tests.faults, for the config to name
+    chain = (f"+model/student@chain.links.a.model={TINY}", "+callbacks.fault._target_=tests.faults.NaNAt",
+             "+callbacks.fault.step=0", "+callbacks.fault.term=kd", f"teacher.store_dir={tmp_path / 'store'}")
+    with pytest.raises(Diverged):
+        run(make_cfg(*chain))
+    with pytest.raises(ConfigError, match="link a failed in .*; change its settings .*chain.links.a.overrides") as e:
+        run(make_cfg(*chain, run_dir="again"))
+    assert e.value.key == "chain.store_dir"

@@ -13,7 +13,7 @@ def test_help_lists_the_config_groups(cli, capsys) -> None:
     for group in ("data", "distill", "model/teacher", "model/student", "trainer", "logger",
                   "callbacks", "experiment", "debug", "optimizer", "scheduler"):
         assert f"{group}:" in out, group
-    assert "crd, crd_kd, cskd, dist, dkd" in out  # the options of distill
+    assert "crd, crd_kd, cskd, deit, dist, dkd" in out  # the options of distill
 
 
 def test_cfg_job_prints_the_composed_config(cli, capsys) -> None:
@@ -116,3 +116,16 @@ def test_kd_nodes_lists_every_name_with_its_shape_and_the_taps(monkeypatch, caps
     assert "model.student:\n# ConvNet: 12 FX nodes" in out
     assert "features.1  (1, 8, 8, 8)  <- preact" in out and "head.0      (1, 16)  <- pooled" in out
     assert "features.12  (1, 128, 4, 4)  <- stages" in out  # the teacher's second stage
+
+
+def test_kd_nodes_lists_every_network_of_a_run_with_roles(monkeypatch, capsys, tmp_path: Path) -> None:
+    import sys
+
+    from kd.cli.nodes import main
+
+    roles = ["+model/student@model.peers.p=digits_cnn", "+model/teacher@model.teachers.a=digits_cnn",
+             "+model/student@model.teachers.b=digits_cnn_tiny", "+model/student@chain.links.x.model=digits_cnn_tiny"]
+    monkeypatch.setattr(sys, "argv", ["kd-nodes", *roles, f"hydra.run.dir={tmp_path}", "hydra.output_subdir=null"])
+    main()
+    heads = [line for line in capsys.readouterr().out.splitlines() if line.endswith(":")]
+    assert heads == ["model.student:", "model.peers.p:", "model.teachers.a:", "model.teachers.b:", "chain.links.x.model:"]

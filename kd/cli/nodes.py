@@ -1,4 +1,4 @@
-"""``kd-nodes``: the feature names of the configured student and teacher, with their shapes.
+"""``kd-nodes``: the feature names of the configured networks (student, teacher, peers...), with their shapes.
 
 Distillation methods name the features they read (``distill.student_nodes=[layer2]``); this
 lists every name the models offer, with the shape of its output for one input of the data, and
@@ -50,19 +50,29 @@ def node_table(model: nn.Module, input_shape: tuple[int, ...], taps: dict[str, A
     return lines
 
 
+def networks(cfg: DictConfig) -> list[tuple[str, DictConfig]]:
+    """Every network of the config by its key: the student, its peers, the teacher or the ensemble's
+    members, and a chain's links (docs/roles.md)."""
+    found = [("model.student", cfg.model.student)]
+    found += [(f"model.peers.{n}", v) for n, v in (OmegaConf.select(cfg, "model.peers") or {}).items()]
+    teachers = OmegaConf.select(cfg, "model.teachers") or {}
+    found += [(f"model.teachers.{n}", v) for n, v in teachers.items()] or [("model.teacher", cfg.model.teacher)]
+    found += [(f"chain.links.{n}.model", v.model) for n, v in (OmegaConf.select(cfg, "chain.links") or {}).items()]
+    return found
+
+
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 def main(cfg: DictConfig) -> None:
-    """Prints the node tables of ``model.student`` and ``model.teacher``."""
+    """Prints the node table of every network of the config (``networks``)."""
     from kd.models.build import NODES_KEY, build_model  # and torch: not imported for --help
 
     try:
         datamodule = instantiate_checked(cfg.data, "data")
         shape = tuple(datamodule.input_shape)
-        for role in ("student", "teacher"):
-            node = cfg.model[role]
-            model = build_model(node, key=f"model.{role}", num_classes=datamodule.num_classes, input_shape=shape)
+        for key, node in networks(cfg):
+            model = build_model(node, key=key, num_classes=datamodule.num_classes, input_shape=shape)
             taps = OmegaConf.to_container(node[NODES_KEY], resolve=True) if NODES_KEY in node else None
-            print(f"model.{role}:")
+            print(f"{key}:")
             print("\n".join(node_table(model, shape, taps)), flush=True)
     except ConfigError as e:
         print(f"kd-nodes: error: {e}", file=sys.stderr, flush=True)

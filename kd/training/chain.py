@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import ConfigKeyError
 
 from kd.compress.evaluate import evaluate_model
 from kd.errors import ConfigError, check_int, check_writable_dir
@@ -78,9 +79,13 @@ def chain_links(cfg: DictConfig) -> list[tuple[str, DictConfig]]:
     return links
 
 
-def link_config(cfg: DictConfig, link: DictConfig, before: tuple[DictConfig, Path] | None) -> DictConfig:
+def link_config(cfg: DictConfig, name: str, link: DictConfig, before: tuple[DictConfig, Path] | None) -> DictConfig:
     """The config of one link: the run's, with the link's student and overrides, taught by ``before``
-    (the previous link's model config and student.pt), or by the run's teacher for the first link."""
+    (the previous link's model config and student.pt), or by the run's teacher for the first link.
+
+    Raises:
+        ConfigError: When an override names a key the run's config does not have (a typo).
+    """
     lcfg = copy.deepcopy(cfg)
     with open_dict(lcfg):
         del lcfg["chain"]
@@ -91,7 +96,11 @@ def link_config(cfg: DictConfig, link: DictConfig, before: tuple[DictConfig, Pat
         lcfg.paths.output_dir = _PLACEHOLDER
         lcfg.report.enabled = False  # a link's student teaches the next; the run's own is the one deployed
     overrides = link.get("overrides")
-    return OmegaConf.merge(lcfg, overrides) if overrides else lcfg  # type: ignore[return-value]
+    try:
+        return OmegaConf.merge(lcfg, overrides) if overrides else lcfg  # type: ignore[return-value]
+    except ConfigKeyError as e:
+        raise ConfigError(f"chain.links.{name}.overrides", f"{e.full_key} is not a key of the run's config; check its "
+                          "spelling, or add the key to the run itself (+key=value)") from None
 
 
 def link_key(lcfg: DictConfig, before: str | None) -> str:
@@ -123,17 +132,22 @@ def run_chain(cfg: DictConfig, run: Callable[..., dict[str, Any]]) -> dict[str, 
         The last link's results, with its ``chain`` entry.
     """
     links = chain_links(cfg)
+    for name, link in links:  # an override that names no key fails here, before any link trains
+        link_config(cfg, name, link, None)
     store = Path(str(OmegaConf.select(cfg, "chain.store_dir", default=None) or Path(cfg.teacher.store_dir) / "links"))
     done: list[dict[str, Any]] = []
     before: tuple[DictConfig, Path] | None = None
     key: str | None = None
     for name, link in links:
-        lcfg = link_config(cfg, link, before)
+        lcfg = link_config(cfg, name, link, before)
         key = link_key(lcfg, key)
         entry = store / key
         check_writable_dir(store, "chain.store_dir")
         with FileLock(str(store / f"{key}.lock")):
             state = run_dir_state(entry)
+            if state.status == "failed" and state.results is not None:  # it diverged: the same config would again
+                raise ConfigError("chain.store_dir", f"link {name} failed in {entry} ({state.error}); change its "
+                                  f"settings (chain.links.{name}.overrides) or delete that directory to train it again")
             reused = state.status == "completed"
             if reused:
                 log.info("chain link %s: reusing %s", name, entry)

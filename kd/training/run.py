@@ -65,10 +65,7 @@ def run(cfg: DictConfig, finish: Callable[[Job, FitResult], dict[str, Any]] | No
     try:
         job = prepare(cfg)
         record.method, record.seed, record.overrides = type(job.criterion).__name__, job.seed, job.history["overrides"]
-        teacher = None
-        if job.teacher is not None:
-            device = job.trainer.strategy.root_device
-            teacher = get_teacher(cfg, job.datamodule, job.teacher, job.features[1], device)  # type: ignore[arg-type]
+        teacher = teacher_of(cfg, job)
         # data order and dropout must not depend on whether the teacher was trained in this run
         L.seed_everything(job.seed, workers=True, verbose=False)
         start_loggers(job.loggers, job.resolved)
@@ -95,6 +92,14 @@ def run(cfg: DictConfig, finish: Callable[[Job, FitResult], dict[str, Any]] | No
     except Exception as e:
         record_failure(record, job, e)
         raise
+
+
+def teacher_of(cfg: DictConfig, job: Job) -> Teacher | None:
+    """The run's frozen teacher (or ensemble): loaded, taken from the store, or trained now; None without one."""
+    if job.teacher is None:
+        return None
+    device = job.trainer.strategy.root_device
+    return get_teacher(cfg, job.datamodule, job.teacher, job.features[1], device)  # type: ignore[arg-type]
 
 
 def record_run(record: RunRecord, job: Job, teacher: Teacher | None, result: FitResult) -> None:
