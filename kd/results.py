@@ -394,8 +394,12 @@ def summary_table(results: dict[str, Any]) -> str:
                "pretrained": "pretrained, used as is:"}
         for name, info in (teacher.get("members") or {"": teacher}).items():
             notes.append(f"teacher{' ' + name if name else ''}: {how.get(info['source'], info['source'])} {info['path']}")
-    selected = "best-validation checkpoint" if student["selected"] == "best_val" else "final weights"
+    selected = {"best_val": "best-validation checkpoint", "best_test_epoch": "best test epoch"}.get(student["selected"], "final weights")
     notes.append(f"student: {results['method']}, val/test of the {selected}" + (f" (epoch {student['best_epoch']})" if student.get("best_epoch") is not None else ""))
+    protocol = results.get("protocol") or {}
+    if protocol.get("name") == "paper":  # the papers' measurement: say what it is, beside the numbers
+        notes.append(f"protocol=paper: trained on all {protocol['train_size']:,} training images, validated on the test set; "
+                     f"reports the {protocol['reports'].replace('_', ' ')}: test {_pct(protocol.get('test/acc')).strip()} %")
     if results.get("chain"):
         reused = [link["name"] for link in results["chain"]["links"] if link["reused"]]
         notes.append(f"chain: each link taught by the one above it (stored in {Path(results['chain']['links'][0]['run_dir']).parent}"

@@ -13,7 +13,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from kd.models.build import build_model
+from kd.models.build import build_model, count_parameters
 from kd.training.run import run
 from tests.conftest import CONF
 from tests.datagen import write_cifar, write_image_folder, write_mnist
@@ -208,8 +208,17 @@ def test_every_experiment_runs_end_to_end(make_cfg, tmp_path: Path, monkeypatch,
 
 # the teacher -> student pairs of the CRD/DKD tables: the experiments whose columns are cifar_row
 CIFAR_PAIRS = [e for e in EXPERIMENTS if "/cifar_row:" in (CONF / "experiment" / f"{e}.yaml").read_text()]
-# DKD's beta per pair (DKD paper, CIFAR-100): 8 for resnet32x4, 6 for wrn and vgg, 2 for resnet56/110
-DKD_BETA = {"resnet32x4": 8, "wrn_40_2": 6, "vgg13": 6, "resnet56": 2, "resnet110": 2}
+# DKD's beta per pair: mdistiller's configs/cifar100/dkd/*.yaml (8 where a file sets none)
+DKD_BETA = {"wrn_40_2_wrn_16_2": 6, "wrn_40_2_wrn_40_1": 6, "resnet56_resnet20": 2, "resnet110_resnet20": 2,
+            "resnet110_resnet32": 2, "resnet32x4_resnet8x4": 8, "vgg13_vgg8": 6, "vgg13_mobilenetv2": 6,
+            "resnet50_mobilenetv2": 8, "resnet50_vgg8": 8, "resnet32x4_shufflenetv1": 8, "resnet32x4_shufflenetv2": 8,
+            "wrn_40_2_shufflenetv1": 8}
+CRD_COLUMNS = ["student", "kd", "fitnet", "at", "sp", "cc", "vid", "rkd", "pkt", "ab", "ft", "nst", "crd", "crd_kd", "dkd"]
+LOW_LR_STUDENTS = {"mobile_half", "shufflenet_v1", "shufflenet_v2"}  # RepDistiller: lr 0.01
+
+
+def pair_sweep(option: str) -> list[str]:
+    return str(OmegaConf.load(CONF / "experiment" / f"{option}.yaml").hydra.sweeper.params.cifar_row).split(",")
 
 
 @pytest.mark.parametrize("option", [*CIFAR_PAIRS, "imagenet_resnet34_resnet18"])
@@ -222,24 +231,38 @@ def test_a_method_picked_in_an_experiment_keeps_its_own_settings(make_cfg, optio
     assert instantiate(cfg.distill) is not None
 
 
+def test_the_13_pairs_of_the_crd_tables_are_experiments() -> None:
+    assert len(CIFAR_PAIRS) == 13 and set(CIFAR_PAIRS) == {f"cifar100_{p}" for p in DKD_BETA}
+
+
 @pytest.mark.parametrize("option", CIFAR_PAIRS)
 def test_cifar_pairs_follow_the_reference_recipe(make_cfg, option: str) -> None:
     kd, crd = (make_cfg(f"experiment={option}", f"cifar_row={row}", fast=False).distill for row in ("kd", "crd"))
     assert (kd.temperature, kd.weight, kd.ce_weight) == (4, 0.9, 0.1)
     assert (crd.weight, crd.ce_weight, crd.feat_dim, crd.nce_k, crd.nce_t, crd.nce_mom) == (0.8, 1, 128, 16384, 0.07, 0.5)
     cfg = make_cfg(f"experiment={option}", "cifar_row=dkd", fast=False)
-    teacher = str(cfg.model.teacher._target_).rsplit(".", 1)[-1]
-    assert cfg.distill.beta == DKD_BETA[teacher] and cfg.distill.temperature == 4 and cfg.distill.ce_weight == 1
+    assert cfg.distill.beta == DKD_BETA[option.removeprefix("cifar100_")]
+    assert cfg.distill.temperature == 4 and cfg.distill.ce_weight == 1
     assert cfg.distill.weight.epochs == 20  # the linear warm-up of the DKD terms
+    assert cfg.protocol.published_measure == "best_test_epoch"  # mdistiller's number: the best test epoch
     assert (cfg.trainer.max_epochs, cfg.data.batch_size, cfg.data.dataset) == (240, 64, "cifar100")
-    assert (cfg.optimizer.lr, cfg.optimizer.momentum, cfg.optimizer.weight_decay) == (0.05, 0.9, 5e-4)
+    student = str(cfg.model.student._target_).rsplit(".", 1)[-1]
+    lr = 0.01 if student in LOW_LR_STUDENTS else 0.05  # set by the pair, as RepDistiller's train_student.py
+    assert (cfg.optimizer.lr, cfg.optimizer.momentum, cfg.optimizer.weight_decay) == (lr, 0.9, 5e-4)
     assert list(cfg.scheduler.milestones) == [150, 180, 210] and cfg.scheduler.gamma == 0.1
     recipe = cfg.teacher.recipe  # the teacher trains on the same recipe
     assert (recipe.max_epochs, recipe.batch_size, recipe.optimizer.lr) == (240, 64, 0.05)
     assert list(recipe.scheduler.milestones) == [150, 180, 210]
-    # the sweep of the row covers every column of the published table
-    sweep = OmegaConf.load(CONF / "experiment" / f"{option}.yaml").hydra.sweeper.params.cifar_row
-    assert set(sweep.split(",")) | {"teacher"} == set(cfg.pair.published)
+    sweep = pair_sweep(option)  # every column of the tables; the paper's number of each where it has one
+    assert set(CRD_COLUMNS) <= set(sweep) and set(cfg.pair.published) <= set(sweep) | {"teacher"}
+    assert {"teacher", *(c for c in CRD_COLUMNS if c not in ("crd_kd", "dkd"))} <= set(cfg.pair.published)
+    assert make_cfg(f"experiment={option}", "cifar_row=kd", fast=False).protocol.published_measure == "last_epoch"
+    if "fsp" in sweep:  # RepDistiller's FSP: the stem's output, then every stage
+        fsp = make_cfg(f"experiment={option}", "cifar_row=fsp", fast=False).distill
+        assert len(fsp.student_nodes) == len(fsp.teacher_nodes) >= 4 and fsp.student_nodes[0] in ("relu", "conv1", "relu0")
+    if "reviewkd" in sweep:
+        review = make_cfg(f"experiment={option}", "cifar_row=reviewkd", fast=False).distill
+        assert review.weight.value == cfg.pair.reviewkd_weight and review.weight.epochs == 20
 
 
 def test_the_cifar_teachers_sweep_covers_every_teacher_of_the_pairs(make_cfg) -> None:
@@ -248,22 +271,33 @@ def test_the_cifar_teachers_sweep_covers_every_teacher_of_the_pairs(make_cfg) ->
         entry["override /model/teacher"] for p in CIFAR_PAIRS
         for entry in OmegaConf.load(CONF / "experiment" / f"{p}.yaml").defaults if "override /model/teacher" in entry
     }
-    assert len(teachers) == len(CIFAR_PAIRS)
     assert teachers <= set(sweep.split(","))
     cfg = make_cfg("experiment=cifar100_teachers", fast=False)  # each trained alone on the recipe
     assert cfg.distill._target_ == "kd.losses.ce.CrossEntropy" and cfg.trainer.max_epochs == 240
 
 
-@pytest.mark.parametrize("row", sorted(p.stem for p in (CONF / "cifar_row").glob("*.yaml")))
-def test_every_cifar_row_runs_on_a_pair(make_cfg, tmp_path: Path, monkeypatch, row: str) -> None:
-    overrides = ["experiment=cifar100_resnet56_resnet20", f"cifar_row={row}"]
+CIFAR_ROWS = sorted(p.stem for p in (CONF / "cifar_row").glob("*.yaml"))
+# each column once, on a pair whose sweep has it (the pairs taken in turn), with a small batch: every
+# pair also runs end to end with its default column (test_every_experiment_runs_end_to_end)
+COLUMN_ON_PAIR = [(row, [p for p in CIFAR_PAIRS if row in pair_sweep(p)][i % len([p for p in CIFAR_PAIRS if row in pair_sweep(p)])])
+                  for i, row in enumerate(CIFAR_ROWS)]
+
+
+@pytest.mark.parametrize(("row", "option"), COLUMN_ON_PAIR)
+def test_every_column_runs_on_a_pair(make_cfg, tmp_path: Path, monkeypatch, row: str, option: str) -> None:
+    overrides = [f"experiment={option}", f"cifar_row={row}"]
     overrides += generated_data(make_cfg(*overrides), tmp_path / "data", monkeypatch)
-    results = run(make_cfg(*overrides))
+    cfg = make_cfg(*overrides)
+    results = run(cfg)
     assert results["status"] == "completed"
-    method = {"student": "CrossEntropy", "kd": "KDLoss", "crd": "CRDLoss", "crd_kd": "Combined", "dkd": "DKDLoss"}[row]
-    assert results["method"] == method
+    assert results["method"] == type(instantiate(cfg.distill)).__name__
     assert (results["teacher"] is None) == (row == "student")
-    assert results["student"]["params"] == 278_324  # resnet20 at 100 classes
+    student = build_model(cfg.model.student, key="model.student", num_classes=100, input_shape=(3, 32, 32))
+    assert results["student"]["params"] == count_parameters(student)
+
+
+def test_every_column_of_the_tables_is_swept_by_some_pair() -> None:
+    assert set(CIFAR_ROWS) == {row for p in CIFAR_PAIRS for row in pair_sweep(p)}
 
 
 def test_the_tfkd_rows_follow_the_authors_recipe_and_run(make_cfg, tmp_path: Path, monkeypatch) -> None:

@@ -158,7 +158,7 @@ def test_latex_and_csv(sweep: Path) -> None:
     assert r"student \textbackslash{} method & none & kd \\" in tex
     assert f"${statistics.mean(s1kd):.2f} \\pm {statistics.stdev(s1kd):.2f}$ (" in tex
     rows = list(csv.DictReader(io.StringIO(to_csv(table))))
-    assert list(rows[0]) == ["row", "col", "mean", "std", "n", "diff"]
+    assert list(rows[0]) == ["row", "col", "mean", "std", "n", "diff", "protocol", "measure"]
     cell = next(r for r in rows if r["row"] == "s1" and r["col"] == "kd")
     assert float(cell["mean"]) == pytest.approx(statistics.mean(s1kd), abs=1e-6)
     assert float(cell["std"]) == pytest.approx(statistics.stdev(s1kd), abs=1e-6) and cell["n"] == "3"
@@ -174,9 +174,9 @@ def test_cli_writes_every_format_atomically_and_prints_markdown(sweep: Path, tmp
     printed = capsys.readouterr().out
     assert sorted(p.name for p in out.iterdir()) == ["table.csv", "table.md", "table.tex"]  # no temporary files left
     assert (out / "table.md").read_text() == printed
-    assert (out / "table.csv").read_text().startswith("row,col,mean,std,n,diff\n")
+    assert (out / "table.csv").read_text().startswith("row,col,mean,std,n,diff,protocol,measure\n")
     main([str(sweep), "--rows", "method,seed", "--cols", "student", "--format", "csv"])
-    assert "\nnone / 0,s1,70.0,,1,\n" in capsys.readouterr().out
+    assert "\nnone / 0,s1,70.0,,1,,honest,best_val_checkpoint\n" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("args, message", [

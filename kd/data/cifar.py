@@ -49,7 +49,8 @@ class CIFARDataModule(SplitDataModule):
         dataset: ``cifar10`` or ``cifar100``.
         batch_size: Training batch size (the CRD/DKD recipe: 64).
         eval_batch_size: Batch size for val and test (defaults to 4x ``batch_size``).
-        val_size: Training images held out for validation, stratified by class.
+        val_size: Training images held out for validation, stratified by class; 0: none, every
+            training image trains and validation runs on the test set (``protocol=paper``).
         split_seed: Seed of the split (not of training).
         augment: Pad-crop-flip on training images.
         download: Fetch the data with torchvision when it is missing.
@@ -80,7 +81,7 @@ class CIFARDataModule(SplitDataModule):
         super().__init__()
         if dataset not in _DATASETS:
             raise ConfigError("dataset", f"must be one of {', '.join(_DATASETS)}, got {dataset!r}")
-        for name, value, low in (("batch_size", batch_size, 1), ("val_size", val_size, 1),
+        for name, value, low in (("batch_size", batch_size, 1), ("val_size", val_size, 0),
                                  ("split_seed", split_seed, 0), ("num_workers", num_workers, 0)):
             check_int(name, value, low, valid=f">= {low}")
         if eval_batch_size is not None:
@@ -117,8 +118,10 @@ class CIFARDataModule(SplitDataModule):
         mean, std = STATS[self.dataset]
         augment = PadCrop(padding=4, flip=True) if self.augment else None  # 162 views
         test_images = torch.from_numpy(test.data).permute(0, 3, 1, 2).contiguous()
+        test_split = ImageViews(test_images, torch.as_tensor(test.targets, dtype=torch.long), mean, std)
+        val_split = ImageViews(images[parts["val"]], targets[parts["val"]], mean, std)
         self.splits = {
             "train": ImageViews(images[parts["train"]], targets[parts["train"]], mean, std, augment),
-            "val": ImageViews(images[parts["val"]], targets[parts["val"]], mean, std),
-            "test": ImageViews(test_images, torch.as_tensor(test.targets, dtype=torch.long), mean, std),
+            "val": self.val_split(val_split, test_split, self.val_size),
+            "test": test_split,
         }

@@ -53,7 +53,8 @@ class MNISTDataModule(SplitDataModule):
         root: Directory holding ``MNIST/raw`` (torchvision's layout).
         batch_size: Training batch size.
         eval_batch_size: Batch size for val and test (defaults to 4x ``batch_size``).
-        val_size: Training images held out for validation, stratified by class.
+        val_size: Training images held out for validation, stratified by class; 0: none, every
+            training image trains and validation runs on the test set (``protocol=paper``).
         split_seed: Seed of the split (not of training).
         jitter: Random shift of training images, up to this many pixels (0: none).
         download: Fetch the data with torchvision when it is missing.
@@ -81,7 +82,7 @@ class MNISTDataModule(SplitDataModule):
         fast: bool = False,
     ) -> None:
         super().__init__()
-        for name, value, low in (("batch_size", batch_size, 1), ("val_size", val_size, 1),
+        for name, value, low in (("batch_size", batch_size, 1), ("val_size", val_size, 0),
                                  ("split_seed", split_seed, 0), ("jitter", jitter, 0), ("num_workers", num_workers, 0)):
             check_int(name, value, low, valid=f">= {low}")
         if eval_batch_size is not None:
@@ -127,8 +128,10 @@ class MNISTDataModule(SplitDataModule):
         images, targets = train.data.unsqueeze(1), train.targets.long()  # (N, 1, 28, 28) uint8, (N,)
         # Hinton's jitter: a shift in [-jitter, jitter] px with zero fill, (2 jitter + 1)^2 views
         jitter = PadCrop(padding=self.jitter, flip=False) if self.jitter else None
+        test_split = ImageViews(test.data.unsqueeze(1), test.targets.long(), (MEAN,), (STD,))
         self.splits = {
             "train": ImageViews(images[parts["train"]], targets[parts["train"]], (MEAN,), (STD,), jitter),
-            "val": ImageViews(images[parts["val"]], targets[parts["val"]], (MEAN,), (STD,)),
-            "test": ImageViews(test.data.unsqueeze(1), test.targets.long(), (MEAN,), (STD,)),
+            "val": self.val_split(ImageViews(images[parts["val"]], targets[parts["val"]], (MEAN,), (STD,)), test_split,
+                                  self.val_size),
+            "test": test_split,
         }

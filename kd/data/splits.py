@@ -36,12 +36,24 @@ class SplitDataModule(L.LightningDataModule):
     def carve_val(self, labels: np.ndarray, val_size: int, seed: int) -> dict[str, np.ndarray]:
         """Indices of a stratified split of ``val_size`` validation samples and the rest for training.
 
+        ``val_size=0`` holds nothing out: every sample trains and ``val`` is empty; the datamodule
+        then validates on its test split (the papers' protocol, ``protocol=paper``; see ``val_split``).
+
         Raises:
-            ConfigError: If ``val_size`` leaves no training or no validation sample.
+            ConfigError: If ``val_size`` leaves no training sample, or is negative.
         """
+        if val_size == 0:
+            return {"train": np.arange(len(labels)), "val": np.arange(0)}
         if not 0 < val_size < len(labels):
-            raise ConfigError("data.val_size", f"must be in [1, {len(labels)}), got {val_size}")
+            raise ConfigError("data.val_size", f"must be in [0, {len(labels)}), got {val_size} (0: no validation "
+                              "split, the test set is evaluated every epoch: protocol=paper)")
         return stratified_split(labels, {"train": 0.0, "val": val_size / len(labels)}, seed)
+
+    @staticmethod
+    def val_split(val: Any, test: Any, val_size: int) -> Any:
+        """The dataset validation runs on: the held-out split, or the test split when ``val_size`` is 0
+        (then "best validation" is the best test epoch, what the mdistiller lineage reports)."""
+        return test if val_size == 0 else val
 
     def train_targets(self) -> Tensor:
         """Labels of the training split in the order of ``batch["index"]``, ``(N,)``."""

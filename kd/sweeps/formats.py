@@ -23,6 +23,8 @@ class Cell:
 
     values: list[float] = field(default_factory=list)
     diff: float | None = None
+    protocol: str | None = None  # of its runs (kd.training.protocol): never two in one cell
+    best_test: bool = False  # protocol=paper, a column whose paper reports the best test epoch: marked
 
     @property
     def n(self) -> int:
@@ -55,16 +57,31 @@ class Table:
     published: dict[str, float] = field(default_factory=dict)  # column label (or "teacher") -> the paper's number
 
 
+BEST_TEST = "†"  # the mark of a cell that is the best test epoch (protocol=paper, mdistiller lineage)
+
+
 def _number(cell: Cell, pm: str) -> str:
     text = f"{cell.mean:.2f}" + (f"{pm}{cell.std:.2f}" if cell.std is not None else "")
-    return text + (f" ({cell.diff:+.2f})" if cell.diff is not None else "")
+    return text + (f" ({cell.diff:+.2f})" if cell.diff is not None else "") + (f" {BEST_TEST}" if cell.best_test else "")
+
+
+def measure(cell: Cell, final: bool) -> str:
+    """Which epoch a cell's values are: ``best_val_checkpoint`` or ``final_epoch`` (protocol honest),
+    ``last_epoch`` or ``best_test_epoch`` (protocol paper)."""
+    if cell.protocol == "paper":
+        return "best_test_epoch" if cell.best_test else "last_epoch"
+    return "final_epoch" if final else "best_val_checkpoint"
 
 
 def _title(table: Table) -> str:
     unit = " (%)" if table.percent else ""
-    which = "final epoch" if table.final else "best-validation checkpoint"
+    protocols = {c.protocol for c in table.cells.values()}
+    honest = "final epoch" if table.final else "best-validation checkpoint"
+    paper = f"protocol=paper: the last epoch, or the best test epoch where marked {BEST_TEST}, as each column's paper reports"
+    which = (f"the {honest}" if protocols <= {"honest", None} else paper if protocols == {"paper"}
+             else f"the {honest} (protocol=honest); {paper}")
     note = f"; (±x.xx): difference to {table.baseline}" if table.baseline else ""
-    return f"{table.metric}{unit} of the {which}, mean ± std over runs (n runs per cell){note}"
+    return f"{table.metric}{unit} of {which}, mean ± std over runs (n runs per cell){note}"
 
 
 def unlisted(table: Table) -> list[str]:
@@ -121,7 +138,8 @@ def to_latex(table: Table) -> str:
             return MISSING
         num = f"{c.mean:.2f}" + (rf" \pm {c.std:.2f}" if c.std is not None else "")
         diff = f" ({c.diff:+.2f})" if c.diff is not None else ""
-        return f"${num}${diff} {{\\scriptsize n={c.n}}}"
+        mark = r"$^\dagger$" if c.best_test else ""
+        return f"${num}${diff}{mark} {{\\scriptsize n={c.n}}}"
 
     corner = _tex(" / ".join(table.row_keys)) + r" \textbackslash{} " + _tex(" / ".join(table.col_keys))
     out = [f"% kd-table: {_title(table)}", r"\begin{tabular}{l" + "c" * len(table.cols) + "}", r"\toprule",
@@ -139,16 +157,18 @@ def to_latex(table: Table) -> str:
 
 
 def to_csv(table: Table) -> str:
-    """One line per cell: row, col, mean, std, n, diff (in the table's units; empty when none)."""
+    """One line per cell: row, col, mean, std, n, diff (in the table's units; empty when none),
+    and the protocol and epoch of its values (``measure``)."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["row", "col", "mean", "std", "n", "diff"])
+    writer.writerow(["row", "col", "mean", "std", "n", "diff", "protocol", "measure"])
     for label, cells in _body(table):
         for col, c in zip(table.cols, cells):
             if c is not None:
                 writer.writerow([label, " / ".join(col), repr(round(c.mean, 6)),
                                  "" if c.std is None else repr(round(c.std, 6)), c.n,
-                                 "" if c.diff is None else repr(round(c.diff, 6))])
+                                 "" if c.diff is None else repr(round(c.diff, 6)), c.protocol or "honest",
+                                 measure(c, table.final)])
     for label, value in table.published.items():
-        writer.writerow(["published", label, repr(value), "", "", ""])
+        writer.writerow(["published", label, repr(value), "", "", "", "", ""])
     return buf.getvalue()

@@ -30,6 +30,7 @@ ALIASES = {
     "teacher": "model/teacher",
     "temperature": "distill.temperature",
     "data": "data",
+    "protocol": "protocol",  # honest or paper (kd.training.protocol); runs from before protocols: honest
 }
 BASELINE_METHOD = "none"  # conf/distill/none.yaml: cross-entropy alone
 _METHOD_KEYS = ("method", "distill")
@@ -102,6 +103,8 @@ def _fallback(results: dict[str, Any], canonical: str) -> str | None:
 
 def key_value(run: Run, key: str) -> str | None:
     """The value of ``key`` for ``run`` as a string, or None when the run has no such key."""
+    if key == "protocol":
+        return run_protocol(run)[0] if run.status == "completed" else run.override_dict.get("protocol")
     canonical = ALIASES.get(key, key)
     overrides = run.override_dict
     if canonical in overrides:
@@ -119,9 +122,19 @@ def is_method_key(key: str) -> bool:
     return key in _METHOD_KEYS
 
 
+def run_protocol(run: Run) -> tuple[str, str | None]:
+    """The run's protocol (``kd.training.protocol``) and, under ``paper``, which epoch it reports
+    (``last_epoch`` or ``best_test_epoch``); runs from before protocols are ``honest``."""
+    protocol = (run.results or {}).get("protocol") or {}
+    name = str(protocol.get("name") or "honest")
+    return name, (protocol.get("reports") if name == "paper" else None)
+
+
 def metric_value(run: Run, metric: str, *, final: bool = False) -> float | None:
-    """The student's ``metric``: of the best-validation checkpoint, or of the final epoch."""
+    """The student's ``metric``: of the best-validation checkpoint, or of the final epoch; under
+    ``protocol=paper``, of the epoch the column's paper reports (``--final``: the final epoch)."""
     student = (run.results or {}).get("student") or {}
+    final = final or run_protocol(run)[1] == "last_epoch"
     value = (student.get("final_metrics" if final else "metrics") or {}).get(metric)
     return float(value) if isinstance(value, (int, float)) else None
 

@@ -4,7 +4,9 @@ Reads Hydra job directories (a multirun directory, several, or a parent searched
 or a W&B project (``kd.sweeps.runs``), groups the completed runs by the values of the row and column
 keys, and shows each cell's mean ± sample std (ddof=1) of the student's metric and the number
 of runs n. The metric is the selected best-validation checkpoint's (``--final``: the final
-epoch's), never the best epoch on the test set. Failed and incomplete runs are listed below the
+epoch's), never the best epoch on the test set; a run of ``protocol=paper`` gives the epoch its
+column's paper reports (the last, or the best test epoch, marked), and one cell never holds runs
+of two protocols (``kd.training.protocol``). Failed and incomplete runs are listed below the
 table, never dropped silently. With the method on an axis and a ``none`` method (cross-entropy
 alone) among its values, each cell also shows the difference of its mean to that baseline. Runs
 of several datasets are never pooled into one cell: a ``dataset`` column key is added.
@@ -27,6 +29,7 @@ from kd.sweeps.runs import (
     is_method_key,
     key_value,
     metric_value,
+    run_protocol,
     with_roles,
 )
 
@@ -138,7 +141,13 @@ def build_table(runs: list[Run], rows: list[str], cols: list[str], *, metric: st
             continue
         row = tuple(label(run, k) or MISSING for k in rows)
         col = tuple(label(run, k) or MISSING for k in cols)
-        cells.setdefault((row, col), Cell()).values.append(scale * value)
+        cell = cells.setdefault((row, col), Cell())
+        name, reports = run_protocol(run)
+        if cell.protocol not in (None, name):
+            raise TableError(f"the cell {' / '.join(row)} | {' / '.join(col)} holds runs of protocol {cell.protocol} and "
+                             f"{name}: kd-table never averages across protocols; add protocol to --cols or --rows")
+        cell.protocol, cell.best_test = name, cell.best_test or (reports == "best_test_epoch" and not final)
+        cell.values.append(scale * value)
         t = (run.results or {}).get("teacher") or {}
         t_value = (t.get("metrics") or {}).get(metric)
         if isinstance(t_value, (int, float)):  # one value per distinct teacher: a stored teacher counts once

@@ -18,6 +18,7 @@ from kd.models.features import FeatureExtractor
 from kd.outputs import STUDENT, Batch, ModelOutput
 from kd.teacher.cache import TeacherCache
 from kd.teacher.ensemble import ensemble_logits
+from kd.training.dot import split_task_loss
 
 OptimizerFactory = Callable[..., Optimizer]
 SchedulerFactory = Callable[[Optimizer], Any]
@@ -247,7 +248,18 @@ class DistillationModule(L.LightningModule):
                      batch_size=n, metric_attribute=f"train_losses.{name}")
         self.train_metrics.update(student.logits.detach(), y)
         self.log_dict(self.train_metrics, on_step=False, on_epoch=True, batch_size=n)
+        optimizer = self._splitting_optimizer()
+        if optimizer is not None:  # DOT: the distillation terms' gradient has a momentum of its own
+            zero = student.logits.float().sum() * 0.0
+            return split_task_loss(optimizer, terms, list(self.trainable_parameters()), zero)
         return loss
+
+    def _splitting_optimizer(self) -> Any:
+        """The run's optimizer when it takes the distillation gradient apart (``kd.training.dot``), else None."""
+        if self._trainer is None:
+            return None
+        optimizer = self.optimizers(use_pl_optimizer=False)
+        return optimizer if getattr(optimizer, "splits_gradients", False) else None
 
     def _check_finite(self, terms: dict[str, Tensor], loss: Tensor, batch_idx: int) -> None:
         """Stops training at the first NaN/Inf term (or sum), before it reaches any weight.

@@ -37,10 +37,12 @@ from kd.results import run_dir_state, task_overrides
 from kd.teacher.ensemble import build_ensemble
 from kd.teacher.source import multi_process_launch
 from kd.training.checkpoints import RunSettings, SafeCheckpointIO, StepSeeds, find_resume, resume_changes
+from kd.training.dot import check_dot
 from kd.training.fit import build_optimization
 from kd.training.loggers import continue_history
 from kd.training.method import prepare_method
 from kd.training.module import check_peers
+from kd.training.protocol import apply_protocol
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +108,7 @@ def prepare(cfg: DictConfig) -> Job:
         with open_dict(cfg):  # the seed the interrupted run drew
             cfg.seed = saved["kd"]["config"]["seed"]
     seed = check_seed(cfg)
+    apply_protocol(cfg)
     if cfg.stages.max_epochs is not None:
         check_int("stages.max_epochs", cfg.stages.max_epochs, 1, valid=">= 1 or null")
     L.seed_everything(seed, workers=True, verbose=False)
@@ -130,6 +133,7 @@ def prepare(cfg: DictConfig) -> Job:
         callbacks=[StepSeeds(seed), RunSettings(resolved, history["overrides"], history["resumes"]),
                    *instantiate_group(cfg.get("callbacks"), "callbacks"), *peer_checkpoints(cfg, peers)],
     )
+    check_dot(optimization[0], trainer)
     for cb in compressions(trainer.callbacks):  # type: ignore[attr-defined]
         cb.preflight(trainer, student, reads_features=bool(features[0].nodes), input_shape=shape)
     if resume is not None and rank_zero_only.rank == 0:  # last: a refused run keeps the history whole

@@ -29,6 +29,7 @@ from kd.training.checkpoints import find_resume
 from kd.training.fit import FitResult, fit
 from kd.training.loggers import abort_wandb_run, finish_loggers, start_loggers
 from kd.training.prepare import Job, prepare, stage_trainer
+from kd.training.protocol import protocol_record
 
 log = logging.getLogger(__name__)
 
@@ -113,8 +114,14 @@ def record_run(record: RunRecord, job: Job, teacher: Teacher | None, result: Fit
     for metrics in every:  # misclassified test images, as papers count them
         if "test/acc" in metrics:
             metrics["test/errors"] = round((1.0 - metrics["test/acc"]) * test_size)
+    splits = getattr(job.datamodule, "splits", None) or {}
+    val_is_test = "val" in splits and splits["val"] is splits.get("test")  # protocol=paper
+    selected = "best_test_epoch" if val_is_test and result.selected == "best_val" else result.selected
     record.fields.update({
         "world_size": job.trainer.world_size,
+        "protocol": protocol_record(job.resolved, len(splits["train"]) if "train" in splits else None,
+                                    0 if val_is_test else len(splits.get("val") or ()), str(job.trainer.precision),
+                                    result.metrics, result.final_metrics),
         "data": {
             "name": type(job.datamodule).__name__, "num_classes": job.datamodule.num_classes,
             "input_shape": list(job.datamodule.input_shape), "test_size": test_size,
@@ -122,7 +129,7 @@ def record_run(record: RunRecord, job: Job, teacher: Teacher | None, result: Fit
         "teacher": teacher.info.as_dict() if teacher else None,
         "stages": result.stages,
         "student": {
-            "params": count_parameters(student), "weights": str(weights), "selected": result.selected,
+            "params": count_parameters(student), "weights": str(weights), "selected": selected,
             "best_epoch": result.best_epoch, "epochs": result.epochs, "checkpoint": result.best_checkpoint,
             "metrics": result.metrics, "final_metrics": result.final_metrics,
         },

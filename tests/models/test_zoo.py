@@ -58,14 +58,18 @@ def test_every_model_config_has_working_feature_taps(path: str) -> None:
     shape, classes = _data_of(node["_target_"])
     model = build_model(node, key="model", num_classes=classes, input_shape=shape).eval()
     taps = OmegaConf.to_container(node[NODES_KEY])
-    assert set(taps) == {"stages", "preact", "pooled", "hint"}
+    assert set(taps) - {"fsp"} == {"stages", "preact", "pooled", "hint"}
     assert len(taps["stages"]) == len(taps["preact"]) >= 1
-    names = [*taps["stages"], *taps["preact"], taps["pooled"], taps["hint"]]
+    fsp = taps.get("fsp", [])  # RepDistiller's FSP maps: the stem's output, then every stage
+    assert not fsp or fsp[1:] == taps["stages"]
+    names = [*taps["stages"], *taps["preact"], taps["pooled"], taps["hint"], *fsp]
     fx = FeatureExtractor(model, names, key=path, input_shape=shape, tracer="fx")
     out = fx(torch.randn(2, *shape))
     assert out.features[taps["pooled"]].dim() == 2  # the embedding before the classifier
     for post, pre in zip(taps["stages"], taps["preact"]):
         assert out.features[post].shape == out.features[pre].shape, (post, pre)
+    if fsp:  # the stem's map, as large as the first stage's or larger (FSP pools the larger of a pair)
+        assert out.features[fsp[0]].dim() == 4 and out.features[fsp[0]].shape[2] >= out.features[fsp[1]].shape[2], path
 
 
 def test_every_zoo_model_is_a_student_config() -> None:
