@@ -12,7 +12,7 @@ from datagen import write_cifar
 from test_table import job
 
 from kd.errors import ConfigError
-from kd.sweeps.formats import to_csv, to_markdown
+from kd.sweeps.formats import to_csv, to_latex, to_markdown
 from kd.sweeps.runs import TableError, find_runs
 from kd.sweeps.table import build_table
 from kd.training.run import run
@@ -103,3 +103,17 @@ def test_kd_table_shows_the_papers_epoch_marks_the_best_test_one_and_never_mixes
     both = build_table(find_runs([root]), rows=["protocol"], cols=["cifar_row"])
     assert {r for r, _ in both.cells} == {("paper",), ("honest",)}
     assert both.cells[(("honest",), ("kd",))].mean == 74.0  # honest: the best-validation checkpoint
+
+
+def test_the_published_row_says_which_numbers_are_a_best_test_epoch(tmp_path: Path) -> None:
+    root = tmp_path / "sweep"
+    published = {"teacher": 79.42, "kd": 73.33, "dkd": 76.32}
+    for name, row, measure, acc in (("0", "kd", "last_epoch", 0.73), ("1", "dkd", "best_test_epoch", 0.76)):
+        job(root, name, [f"cifar_row={row}"], acc, config={
+            "model": {"student": {"_target_": "kd.models.ConvNet"}}, "distill": {},
+            "protocol": {"name": "honest", "published_measure": measure}, "pair": {"published": published}})
+    table = build_table(find_runs([root]), rows=[], cols=["cifar_row"], published="pair.published")
+    assert table.published_best == {"dkd"}
+    text = to_markdown(table)
+    assert "| published (teacher 79.42; † best test epoch, else last) | 73.33 | 76.32 † |" in text
+    assert r"76.32 $^\dagger$" in to_latex(table) and "published (teacher 79.42; $^\\dagger$ best" in to_latex(table)

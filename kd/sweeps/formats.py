@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kd.sweeps.runs import Run
@@ -55,6 +56,7 @@ class Table:
     skipped: list[tuple[Run, str]]
     baseline: str | None = None
     published: dict[str, float] = field(default_factory=dict)  # column label (or "teacher") -> the paper's number
+    published_best: set[str] = field(default_factory=set)  # column labels whose published number is a best test epoch
 
 
 BEST_TEST = "†"  # the mark of a cell that is the best test epoch (protocol=paper, mdistiller lineage)
@@ -114,14 +116,18 @@ def to_markdown(table: Table) -> str:
     return "\n".join(out) + "\n"
 
 
-def _published_label(table: Table) -> str:
-    teacher = table.published.get("teacher")
-    return "published" + (f" (teacher {teacher:g})" if teacher is not None else "")
+def _published_label(table: Table, esc: Callable[[str], str] = str, mark: str = BEST_TEST) -> str:
+    """``published``, the teacher's number, and what the marked numbers measure (``esc``: LaTeX escaping)."""
+    notes = [esc(f"teacher {table.published['teacher']:g}")] if "teacher" in table.published else []
+    if table.published_best:
+        notes.append(mark + esc(" best test epoch, else last"))
+    return esc("published") + (esc(" (") + esc("; ").join(notes) + esc(")") if notes else "")
 
 
-def _paper(table: Table, col: Label) -> str:
-    value = table.published.get(" / ".join(col))
-    return MISSING if value is None else f"{value:g}"
+def _paper(table: Table, col: Label, mark: str = BEST_TEST) -> str:
+    label = " / ".join(col)
+    value = table.published.get(label)
+    return MISSING if value is None else f"{value:g}" + (f" {mark}" if label in table.published_best else "")
 
 
 def _tex(text: str) -> str:
@@ -150,7 +156,9 @@ def to_latex(table: Table) -> str:
         if i == 0 and table.teacher and len(body) > 1:
             out.append(r"\midrule")
     if table.published:
-        out += [r"\midrule", " & ".join([_tex(_published_label(table)), *(_paper(table, c) for c in table.cols)]) + r" \\"]
+        dagger = r"$^\dagger$"
+        out += [r"\midrule", " & ".join([_published_label(table, _tex, dagger), *(_paper(table, c, dagger) for c in table.cols)])
+                + r" \\"]
     out += [r"\bottomrule", r"\end{tabular}"]
     out += [f"% not in the table: {_tex(line)}" for line in unlisted(table)]
     return "\n".join(out) + "\n"

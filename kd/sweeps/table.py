@@ -159,7 +159,16 @@ def build_table(runs: list[Run], rows: list[str], cols: list[str], *, metric: st
     _add_baseline(table, baseline)
     if published:
         table.published = _published(runs, published, col_labels)
+        table.published_best = {" / ".join(col) for (_, col), cell in cells.items()
+                                if any(_best_test_published(r) for r in runs if r.status == "completed"
+                                       and tuple(label(r, k) or MISSING for k in cols) == col)}
     return table
+
+
+def _best_test_published(run: Run) -> bool:
+    """Whether the published number of the run's column is a best test epoch (``protocol.published_measure``)."""
+    config = (run.results or {}).get("config") or {}
+    return dig(config, "protocol.published_measure") == "best_test_epoch"
 
 
 def _published(runs: list[Run], key: str, cols: list[Label]) -> dict[str, float]:
