@@ -260,6 +260,9 @@ def test_cifar_pairs_follow_the_reference_recipe(make_cfg, option: str) -> None:
     if "fsp" in sweep:  # RepDistiller's FSP: the stem's output, then every stage
         fsp = make_cfg(f"experiment={option}", "cifar_row=fsp", fast=False).distill
         assert len(fsp.student_nodes) == len(fsp.teacher_nodes) >= 4 and fsp.student_nodes[0] in ("relu", "conv1", "relu0")
+    if "mlkd" in sweep:  # the authors' two views and lr 0.025 (0.01 for the students that always get it)
+        mlkd = make_cfg(f"experiment={option}", "cifar_row=mlkd", fast=False)
+        assert mlkd.distill.views == 2 and mlkd.optimizer.lr == (0.01 if student in LOW_LR_STUDENTS else 0.025)
     if "reviewkd" in sweep:
         review = make_cfg(f"experiment={option}", "cifar_row=reviewkd", fast=False).distill
         assert review.weight.value == cfg.pair.reviewkd_weight and review.weight.epochs == 20
@@ -298,6 +301,21 @@ def test_every_column_runs_on_a_pair(make_cfg, tmp_path: Path, monkeypatch, row:
 
 def test_every_column_of_the_tables_is_swept_by_some_pair() -> None:
     assert set(CIFAR_ROWS) == {row for p in CIFAR_PAIRS for row in pair_sweep(p)}
+
+
+def test_every_cell_of_every_pair_composes_with_the_pairs_settings(make_cfg) -> None:
+    # each of the 13 pairs x its columns: the method builds with the pair's settings, and under
+    # protocol=paper (fp32 even with trainer=gpu) it reports its paper's measure
+    cells = 0
+    for option in CIFAR_PAIRS:
+        for row in pair_sweep(option):
+            cfg = make_cfg(f"experiment={option}", f"cifar_row={row}", "protocol=paper", "trainer=gpu", fast=False)
+            assert instantiate(cfg.distill) is not None, (option, row)
+            assert cfg.trainer.precision == "32-true" and cfg.protocol.name == "paper"
+            best = row in ("dkd", "reviewkd", "dist", "kd_ls", "mlkd", "kd_dot", "kdsvd")
+            assert cfg.protocol.published_measure == ("best_test_epoch" if best else "last_epoch"), (option, row)
+            cells += 1
+    assert cells >= 13 * 15
 
 
 def test_the_tfkd_rows_follow_the_authors_recipe_and_run(make_cfg, tmp_path: Path, monkeypatch) -> None:

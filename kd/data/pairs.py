@@ -19,11 +19,12 @@ import torch
 from torch import Tensor
 
 from kd.data.order import Key, sample_generator, split_key
+from kd.data.views import WrappedSplit
 
 PAIR_SALT = 0x5CD5  # keeps the partner's draws apart from the sample's own augmentation draws
 
 
-class ClassPairs:
+class ClassPairs(WrappedSplit):
     """The training split, each item or batch with a partner of the same class.
 
     Args:
@@ -32,24 +33,13 @@ class ClassPairs:
     """
 
     def __init__(self, base: Any) -> None:
-        self.base = base
+        super().__init__(base)
         targets = torch.as_tensor(base.targets, dtype=torch.long).cpu()
-        self.targets = base.targets
         counts = torch.bincount(targets)
         order = torch.argsort(targets, stable=True)  # members of class c: order[starts[c] : starts[c] + counts[c]]
         self._order, self._counts = order, counts
         self._starts = torch.cumsum(counts, 0) - counts
         self._cpu_targets = targets
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    @property
-    def num_views(self) -> int:
-        return int(getattr(self.base, "num_views", 1))
-
-    def spec(self) -> dict[str, Any]:
-        return self.base.spec()
 
     def to(self, device: torch.device | str) -> ClassPairs:
         return ClassPairs(self.base.to(device))

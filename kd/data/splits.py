@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 from kd.data.fast import BatchLoader
 from kd.data.order import ResumableLoader
 from kd.data.pairs import ClassPairs
+from kd.data.strong import StrongViews
 from kd.data.tensor import stratified_split
 from kd.errors import ConfigError
 
@@ -29,6 +30,7 @@ class SplitDataModule(L.LightningDataModule):
     pin_memory = False
     fast = False  # kd.data.fast.BatchLoader instead of a DataLoader
     class_pairs = False  # training batches carry a same-class partner of each sample (kd.data.pairs, CS-KD)
+    strong_views = False  # training batches carry a strongly augmented second view (kd.data.strong, MLKD)
     batch_size: int
     eval_batch_size: int
     num_workers: int
@@ -74,11 +76,19 @@ class SplitDataModule(L.LightningDataModule):
         key = (split, str(device))
         if key not in moved:  # moved once, reused every epoch
             moved[key] = self.splits[split].to(device)
-        data = ClassPairs(moved[key]) if train and self.class_pairs else moved[key]
+        data = self._with_extras(moved[key]) if train else moved[key]
         return BatchLoader(
             data, self.batch_size if train else self.eval_batch_size, shuffle=train,
             seed=torch.initial_seed() % 2**62, rank=rank, world_size=world,
         )
+
+    def _with_extras(self, data: Any) -> Any:
+        """The training split with what the method asked of its batches: partners, a strong view."""
+        if self.class_pairs:
+            data = ClassPairs(data)
+        if self.strong_views:
+            data = StrongViews(data)
+        return data
 
     def _loader(self, split: str, train: bool) -> DataLoader | BatchLoader:
         if getattr(self, "fast", False):
@@ -90,7 +100,7 @@ class SplitDataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         # order and augmentation drawn from (seed, epoch, position): exact when resumed mid-epoch
-        data = ClassPairs(self.splits[split]) if self.class_pairs else self.splits[split]
+        data = self._with_extras(self.splits[split])
         return ResumableLoader(data, self.batch_size, seed=torch.initial_seed() % 2**62,
                                rank=rank, world_size=world, **common)
 

@@ -151,3 +151,26 @@ class ImageViews(Dataset):
         if self.augment is not None:
             x = self.augment.apply_one(x, view)
         return {"input": (x.float() / 255.0 - self._mean) / self._std, "target": self.targets[i], "index": i, "view": view}
+
+
+class WrappedSplit:
+    """A training split whose items and batches carry more (``kd.data.pairs``, ``kd.data.strong``):
+    its length, views, targets and spec are the split's own.
+
+    Args:
+        base: The split.
+    """
+
+    def __init__(self, base: Any) -> None:
+        self.base = base
+        self.targets = base.targets
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    @property
+    def num_views(self) -> int:
+        return int(getattr(self.base, "num_views", 1))
+
+    def spec(self) -> dict[str, Any]:
+        return self.base.spec()

@@ -68,6 +68,9 @@ class DistillationLoss(nn.Module):
         trains_peers: True for methods that train several networks together (``model.peers``):
             ``student.members`` then holds every network's output by name, the student's
             under ``student``, and the method returns the terms of all of them.
+        requires_strong_view: True for methods that train on a strongly augmented second view
+            (``kd.data.strong``, MLKD's): the batch then carries ``strong_input``, and the training
+            module adds ``strong_logits`` (the student's, with gradient) and ``strong_teacher_logits``.
         requires_ensemble: True for methods that weigh the teachers of an ensemble
             (``model.teachers``): ``teacher.members`` holds each teacher's output by name.
     """
@@ -75,6 +78,7 @@ class DistillationLoss(nn.Module):
     requires_teacher: bool = True
     requires_index: bool = False
     requires_pairs: bool = False
+    requires_strong_view: bool = False
     trains_peers: bool = False
     requires_ensemble: bool = False
 

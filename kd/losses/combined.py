@@ -52,6 +52,7 @@ class Combined(DistillationLoss):
         self.requires_teacher = any(m.requires_teacher for m in members.values())
         self.requires_index = any(m.requires_index for m in members.values())
         self.requires_pairs = any(m.requires_pairs for m in members.values())
+        self.requires_strong_view = any(m.requires_strong_view for m in members.values())
 
     def setup(self, student: ModelOutput, teacher: ModelOutput | None, data: DataInfo) -> None:
         for name, member in self.methods.items():

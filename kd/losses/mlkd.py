@@ -1,4 +1,4 @@
-"""Multi-level logit distillation (MLKD), on the one view a kd batch carries.
+"""Multi-level logit distillation (MLKD), on the batch's view, or on it and a strongly augmented one.
 
 Jin, Wang and Lin, "Multi-Level Logit Distillation", CVPR 2023 (pp. 24276-24285). The student's
 predictions are aligned with the teacher's at three levels, each at several temperatures T
@@ -23,12 +23,13 @@ through the fraction it keeps: instance and batch terms are scaled by the fracti
 kept, the class term by the fraction of classes kept (both about 1/2). ``mlkd_loss`` reproduces
 exactly that.
 
-Deviation (one view): the paper and code feed a weakly and a strongly augmented view of every
-image. Their loss is CE on both views, the masked instance/batch/class terms on the weak view,
-plus an unmasked instance term on the strong view (whose T = 2 and 6 terms in fact use the weak
-logits; the strong-view batch and class terms are computed but not added). kd batches carry a
-single, normally augmented view, so this module computes the weak-view terms on it and leaves
-out the strong-view instance term and the second CE.
+Two views (``views=2``, the paper's training): every image also comes in a strongly augmented view
+(``kd.data.strong``: an independent crop and flip, FixMatch's RandAugment and a Cutout), on which
+both networks run. The authors' loss then adds CE on the strong view (``strong_ce``) and an
+unmasked instance term (``mlkd_strong``, ``strong_instance_loss``) at T in {4, 3, 5} on the strong
+view, whose T = 2 and 6 terms in fact take the weak logits, as their code does; their strong-view
+batch and class terms are computed and discarded there, and left out here. ``views=1`` (the
+default of ``distill=mlkd``) computes the weak-view terms on the batch's one view.
 """
 
 from __future__ import annotations
@@ -134,7 +135,8 @@ def mlkd_loss(
 
 
 class MLKDLoss(DistillationLoss):
-    """MLKD: ``ce_weight * CE + weight * (instance + batch + class)``, on the batch's one view.
+    """MLKD: ``ce_weight * CE + weight * (instance + batch + class)`` on the batch's view, and with
+    ``views=2`` the strong view's CE and instance terms (see the module docstring).
 
     Defaults are the authors' CIFAR-100 settings (mdistiller's KD weights 0.9 and 0.1, T in
     {2, 3, 4, 5, 6}); their configs also halve the learning rate to 0.025, a recipe setting
@@ -142,12 +144,15 @@ class MLKDLoss(DistillationLoss):
 
     Args:
         temperatures: Temperatures of the prediction augmentation, each > 0.
-        weight: Weight of the three terms (a number or a schedule).
-        ce_weight: Weight of the hard-label cross-entropy.
+        weight: Weight of the distillation terms (a number or a schedule).
+        ce_weight: Weight of the hard-label cross-entropy (of each view).
+        views: 1 (the batch's view) or 2 (and a strongly augmented one, ``kd.data.strong``).
+        strong_temperatures: The temperatures the strong-view instance term reads the strong
+            view at (the authors': T, 3, 5); the others of ``temperatures`` read the weak view.
 
     Raises:
-        ConfigError: If ``temperatures`` is empty or holds a value that is not > 0, or a weight
-            is negative.
+        ConfigError: If a temperature list is empty or holds a value that is not > 0, ``views``
+            is not 1 or 2, or a weight is negative.
     """
 
     def __init__(
@@ -155,19 +160,58 @@ class MLKDLoss(DistillationLoss):
         temperatures: Sequence[float] = (2.0, 3.0, 4.0, 5.0, 6.0),
         weight: float | Schedule = 0.9,
         ce_weight: float = 0.1,
+        views: int = 1,
+        strong_temperatures: Sequence[float] = (4.0, 3.0, 5.0),
     ) -> None:
         super().__init__(ce_weight=ce_weight, weight=weight)
-        if isinstance(temperatures, (str, bytes)) or not isinstance(temperatures, Sequence) or not temperatures:
-            raise ConfigError("temperatures", f"must be a non-empty list of numbers > 0, got {temperatures!r}")
-        self.temperatures = tuple(check_positive(f"temperatures[{i}]", t) for i, t in enumerate(temperatures))
+        self.temperatures = _temperatures("temperatures", temperatures)
+        if views not in (1, 2):
+            raise ConfigError("views", f"must be 1 (the batch's view) or 2 (and a strongly augmented one), got {views!r}")
+        self.views = views
+        self.requires_strong_view = views == 2
+        self.strong_temperatures = _temperatures("strong_temperatures", strong_temperatures)
+
+    def forward(self, student: ModelOutput, teacher: ModelOutput | None, batch: Batch, epoch: int = 0) -> dict[str, Tensor]:
+        terms = super().forward(student, teacher, batch, epoch)
+        if self.views == 2 and self.ce_weight > 0:  # the authors' CE on the strong view too
+            terms["strong_ce"] = self.ce_weight * F.cross_entropy(batch["strong_logits"].float(), batch["target"])
+        return terms
 
     def loss_terms(
         self, student: ModelOutput, teacher: ModelOutput | None, batch: Batch
     ) -> dict[str, Tensor]:
         assert teacher is not None, "MLKDLoss needs the teacher's output"
         instance, batch_term, class_term = mlkd_loss(student.logits, teacher.logits.detach(), self.temperatures)
-        return {"mlkd_instance": instance, "mlkd_batch": batch_term, "mlkd_class": class_term}
+        terms = {"mlkd_instance": instance, "mlkd_batch": batch_term, "mlkd_class": class_term}
+        if self.views == 2:
+            terms["mlkd_strong"] = strong_instance_loss(
+                student.logits, teacher.logits.detach(), batch["strong_logits"], batch["strong_teacher_logits"].detach(),
+                self.strong_temperatures, [t for t in self.temperatures if t not in self.strong_temperatures])
+        return terms
 
     def extra_repr(self) -> str:
         temps = ", ".join(f"{t:g}" for t in self.temperatures)
-        return f"temperatures=({temps}), {super().extra_repr()}"
+        return f"temperatures=({temps}), views={self.views}, {super().extra_repr()}"
+
+
+def _temperatures(key: str, values: Sequence[float]) -> tuple[float, ...]:
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
+        raise ConfigError(key, f"must be a non-empty list of numbers > 0, got {values!r}")
+    return tuple(check_positive(f"{key}[{i}]", t) for i, t in enumerate(values))
+
+
+def strong_instance_loss(student_weak: Tensor, teacher_weak: Tensor, student_strong: Tensor, teacher_strong: Tensor,
+                         strong_temperatures: Sequence[float], weak_temperatures: Sequence[float]) -> Tensor:
+    """The authors' ``loss_kd_strong`` (``KD_ours.py``): instance KD on the strong view at
+    ``strong_temperatures`` (T, 3 and 5) plus, as their code does, on the weak view at the other
+    temperatures (2 and 6), unmasked. Their strong-view batch and class terms are computed and
+    discarded there, and are not here.
+
+    Args:
+        student_weak, teacher_weak: ``(B, C)`` logits on the weak view.
+        student_strong, teacher_strong: ``(B, C)`` logits on the strong view.
+        strong_temperatures: Temperatures of the strong-view terms.
+        weak_temperatures: Temperatures of the terms the code takes on the weak view.
+    """
+    strong = sum(kd_loss(student_strong, teacher_strong, t) for t in strong_temperatures)
+    return strong + sum((kd_loss(student_weak, teacher_weak, t) for t in weak_temperatures), student_weak.new_zeros(()))

@@ -363,8 +363,10 @@ def _train_into_store(
         tcfg.model.student, key="model.teacher", num_classes=datamodule.num_classes,
         input_shape=tuple(datamodule.input_shape),
     )
+    # validation on the test set (protocol=paper): the last epoch, as the released teachers, never the best test one
+    val_is_test = tcfg.data.get("val_size") == 0
     checkpoint = ModelCheckpoint(
-        dirpath=run_dir / "checkpoints", monitor="val/acc", mode="max",
+        dirpath=run_dir / "checkpoints", monitor=None if val_is_test else "val/acc", mode="max",
         filename="epoch{epoch:03d}-step{step}", auto_insert_metric_name=False,
     )
     trainer = _teacher_trainer(

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from kd.data.protocol import provides_index
+from kd.data.views import ImageViews
 from kd.errors import ConfigError
 from kd.losses.base import DistillationLoss
 from kd.models.features import FeatureExtractor
@@ -61,6 +62,23 @@ def pair_by_class(datamodule: L.LightningDataModule, method: str = "the method")
     datamodule.class_pairs = True
 
 
+def add_strong_view(datamodule: L.LightningDataModule, method: str = "the method") -> None:
+    """Makes the training batches carry a strongly augmented second view of each sample (``kd.data.strong``).
+
+    Raises:
+        ConfigError: If the datamodule's training split is not images it can augment.
+    """
+    datamodule.setup("fit")
+    splits = getattr(datamodule, "splits", None) or {}
+    if not hasattr(datamodule, "strong_views") or not isinstance(splits.get("train"), ImageViews):
+        raise ConfigError("distill", f"{method} trains on a strongly augmented second view of each image, which "
+                          f"{type(datamodule).__name__} does not provide (the CIFAR, MNIST and ImageNet-folder "
+                          "datamodules of images in memory do); pick such data, or distill.views=1")
+    if getattr(datamodule, "class_pairs", False):
+        raise ConfigError("distill", f"{method} cannot have both same-class partners and a strong view")
+    datamodule.strong_views = True
+
+
 def prepare_method(
     criterion: DistillationLoss,
     student: nn.Module,
@@ -100,6 +118,8 @@ def prepare_method(
         teacher_fx = make(criterion.teacher_nodes, key="distill.teacher_nodes", input_shape=shape, tracer=tracer)
     if criterion.requires_pairs:
         pair_by_class(datamodule, name)
+    if criterion.requires_strong_view:
+        add_strong_view(datamodule, name)
     info = data_info(datamodule, criterion.requires_index, name)
     s_out, t_out = dry_run(student_fx, shape), (dry_run(teacher_fx, shape) if teacher_fx else None)
     if t_out is not None and t_out.logits.shape[-1] != s_out.logits.shape[-1]:

@@ -235,6 +235,11 @@ class DistillationModule(L.LightningModule):
             with torch.no_grad():
                 batch["pair_logits"] = self._call(self.student_features, self._input({"input": batch["pair_input"]})).logits
         teacher = self.teacher_outputs(batch, x) if self.teacher is not None else None
+        if "strong_input" in batch:  # a strongly augmented second view (kd.data.strong): both networks see it
+            strong = self._input({"input": batch["strong_input"]})
+            batch["strong_logits"] = self._call(self.student_features, strong).logits
+            if self.teacher is not None:
+                batch["strong_teacher_logits"] = self.teacher_forward(strong).logits
         terms = self.criterion(student, teacher, batch, epoch=self.current_epoch)
         loss = torch.stack(list(terms.values())).sum()
         self._check_finite(terms, loss, batch_idx)

@@ -4,9 +4,11 @@
 set is only measured (``student.metrics``: the best-validation checkpoint, ``student.final_metrics``:
 the final epoch). ``paper``: what the published CIFAR tables measured, for a like-for-like
 comparison: every training image trains (``data.val_size=0``), the test set is evaluated every
-epoch (so the "best validation" checkpoint is the best test epoch), fp32, and the reported number
-is the one the column's paper reports (``protocol.published_measure``): the last epoch
-(RepDistiller, the CRD tables) or the best test epoch (the mdistiller lineage). ``results.json``
+epoch, fp32, and the reported number is the one the column's paper reports
+(``protocol.published_measure``): the last epoch (RepDistiller, the CRD tables; then nothing is
+selected, and ``student.pt`` is the last epoch's) or the best test epoch (the mdistiller lineage;
+the checkpoint is selected on the test set, and ``student.pt`` is that epoch's). A teacher kd trains
+under ``paper`` is its last epoch, as the released ``ckpt_epoch_240.pth`` teachers. ``results.json``
 records the protocol and the number it reports (``protocol`` entry); ``kd-table`` never averages
 runs of different protocols.
 """
@@ -46,6 +48,11 @@ def apply_protocol(cfg: DictConfig) -> str:
                               f"{cfg.data.get('_target_')} has no val_size to set to 0 (CIFAR-10/100 and MNIST have)")
         with open_dict(cfg):
             cfg.data.val_size = 0
+        if measure == "last_epoch":  # the paper reports the last epoch: nothing is selected on the test set
+            for node in (cfg.get("callbacks") or {}).values():
+                if isinstance(node, DictConfig) and str(node.get("_target_", "")).endswith("ModelCheckpoint") \
+                        and node.get("monitor") == "val/acc":
+                    node.monitor = None
     elif has_val_size and cfg.data.val_size == 0:
         raise ConfigError("data.val_size", "0 validates on the test set, which the honest protocol never does; "
                           "give a held-out size >= 1, or protocol=paper for the papers' measurement")
