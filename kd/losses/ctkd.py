@@ -25,11 +25,11 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kd.errors import ConfigError, check_int
 from kd.losses.base import DistillationLoss, check_positive
+from kd.losses.kd import kd_loss
 from kd.losses.schedules import Schedule
 from kd.outputs import Batch, ModelOutput
 
@@ -103,12 +103,8 @@ class CTKDLoss(DistillationLoss):
 
     def loss_terms(self, student: ModelOutput, teacher: ModelOutput | None, batch: Batch) -> dict[str, Tensor]:
         assert teacher is not None, "CTKDLoss needs the teacher's output"
-        dtype = torch.promote_types(student.logits.dtype, torch.float32)  # fp32 under autocast, as kd.py
-        tau = self.temperature().to(dtype)
-        log_p_s = F.log_softmax(student.logits.to(dtype) / tau, dim=-1)
-        log_p_t = F.log_softmax(teacher.logits.detach().to(dtype) / tau, dim=-1)
-        kl = F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
-        return {"ctkd": kl * tau.squeeze() ** 2}
+        # kd.losses.kd.kd_loss at a tensor temperature: tau's gradient flows through both softmaxes and tau^2
+        return {"ctkd": kd_loss(student.logits, teacher.logits.detach(), self.temperature().squeeze())}
 
     def extra_repr(self) -> str:
         return (f"tau=[{self.t_start:g}, {self.t_start + self.t_range:g}], lambda {self.lambda_max:g} -> "

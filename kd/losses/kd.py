@@ -17,7 +17,7 @@ from kd.losses.schedules import Schedule
 from kd.outputs import Batch, ModelOutput
 
 
-def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float | Tensor) -> Tensor:
     """``T^2 * KL(softmax(t / T) || softmax(s / T))``, averaged over the batch.
 
     Its gradient with respect to the student logits is ``(softmax(s/T) - softmax(t/T)) * T / B``.
@@ -25,7 +25,7 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) 
     Args:
         student_logits: ``(B, C)``.
         teacher_logits: ``(B, C)``, no gradient needed.
-        temperature: T > 0.
+        temperature: T > 0 (a number, or a 0-d tensor that may carry a gradient, as CTKD's).
 
     Returns:
         A scalar tensor.
