@@ -106,7 +106,7 @@ def instantiate_checked(node: Any, key: str, **kwargs: Any) -> Any:
 
 
 class Diverged(RuntimeError):
-    """A loss term became NaN or Inf: training stops before that step updates any weight.
+    """A loss term became NaN or Inf: training stops, and nothing from that step on is saved.
 
     Args:
         term: The loss term (``train/loss_kd``).
@@ -120,8 +120,8 @@ class Diverged(RuntimeError):
         self.term, self.value, self.step, self.epoch, self.batch = term, float(value), int(step), int(epoch), int(batch)
         super().__init__(
             f"{term} is {self.value} at step {self.step} (epoch {self.epoch}, batch {self.batch}); training stopped "
-            "before that step changed the weights. Lower the learning rate or the loss weights, or clip gradients "
-            "(trainer.gradient_clip_val)"
+            "and no checkpoint holds weights from that step on. Lower the learning rate or the loss weights, or clip "
+            "gradients (trainer.gradient_clip_val)"
         )
 
     def as_dict(self) -> dict[str, Any]:

@@ -23,7 +23,10 @@ Then the cost of an 8-run temperature sweep of the standard 240-epoch CIFAR-100 
 training images after kd's validation split, batch 64): plain = 8 runs x 240 epochs x steps x
 (i)'s step time; cached = the cache's construction (45,000 x 162 views x the per-view cost
 measured while building it here) + 8 x 240 x steps x (iv)'s step time. Teacher forwards are
-counted for both. Not a test: the numbers depend on the machine and its load.
+counted for both. On a CPU without native bf16 (no AVX-512-BF16 or AMX) the bf16 variants (iii)
+and (iv) are skipped (kd refuses bf16 there; ``--bf16`` measures them anyway) and the sweep uses (iv').
+The first line names the CPU and torch's capability: a CPU timing means little without them.
+Not a test: the numbers depend on the machine and its load.
 
 Usage:
     .venv/bin/python scripts/benchmark.py                      # both workloads, CPU
@@ -63,6 +66,14 @@ WORKLOADS = {
         "n_train": 96, "views": 162,
     },
 }
+# kd's variants: label, overrides, whether it computes in bf16, whether it reads the teacher cache
+VARIANTS = [
+    ("(ii) kd default", [], False, False),
+    ("(iii) kd + bf16 + channels_last", ["trainer.precision=bf16-mixed", "speed.channels_last=true"], True, False),
+    ("(iv) kd + bf16 + cl + teacher cache + fast data", ["trainer.precision=bf16-mixed", "speed.channels_last=true",
+                                                         "data.fast=true"], True, True),
+    ("(iv') kd + teacher cache + fast data, fp32", ["data.fast=true"], False, True),
+]
 SWEEP = {"runs": 8, "epochs": 240, "n_train": 45_000, "batch": 64, "views": 162}
 
 
@@ -295,13 +306,7 @@ def run_workload(name: str, root: Path, args: argparse.Namespace, device: torch.
         step = plain_loop(name, data_root, teacher, student, batch, temperature, args.warmup, args.steps, device)
     results.append(Result("(i) plain PyTorch loop, fp32", batch / step, step, mem.peak, flops_full, False))
     print(f"  {results[-1].name}: {step:.3f} s/step", flush=True)
-    variants = [
-        ("(ii) kd default", [], False, None),
-        ("(iii) kd + bf16 + channels_last", ["trainer.precision=bf16-mixed", "speed.channels_last=true"], True, None),
-        ("(iv) kd + bf16 + cl + teacher cache + fast data", ["trainer.precision=bf16-mixed", "speed.channels_last=true",
-                                                             "data.fast=true"], True, "cache"),
-        ("(iv') kd + teacher cache + fast data, fp32", ["data.fast=true"], False, "cache"),
-    ]
+    variants = [v for v in VARIANTS if args.bf16 or not v[2]]
     notes: dict[str, Any] = {}
     for label, overrides, bf16, cache in variants:
         vcfg = compose([*base, *overrides])
@@ -330,7 +335,8 @@ def print_table(workload: dict[str, Any], peaks: dict[bool, float]) -> None:
 
 def print_sweep(workload: dict[str, Any]) -> None:
     rows = {r.name[: r.name.index(")") + 1]: r for r in workload["results"]}
-    plain, cached = rows["(i)"].step_s, rows["(iv)"].step_s
+    fastest = "(iv)" if "(iv)" in rows else "(iv')"  # (iv') where bf16 was skipped
+    plain, cached = rows["(i)"].step_s, rows[fastest].step_s
     per_view = workload["cache"]["per_view_s"]
     s = SWEEP
     steps = math.ceil(s["n_train"] / s["batch"])
@@ -343,9 +349,28 @@ def print_sweep(workload: dict[str, Any]) -> None:
           f"teacher forwards {s['runs'] * s['epochs'] * s['n_train']:,}")
     print(f"  cached: build {s['n_train']:,} x {s['views']} views x {per_view * 1e3:.2f} ms/view "
           f"(measured: {workload['cache']['views']:,} views in {workload['cache']['build_s']:.1f} s) = {build_s / 3600:,.1f} h")
-    print(f"          + {s['runs']} x {s['epochs']} x {steps} steps x {cached:.3f} s (iv) = {cached_s / 3600:,.1f} h; "
+    print(f"          + {s['runs']} x {s['epochs']} x {steps} steps x {cached:.3f} s {fastest} = {cached_s / 3600:,.1f} h; "
           f"teacher forwards {s['n_train'] * s['views']:,}")
     print(f"  cached / plain = {cached_s / plain_s:.1%} (target <= 40%)")
+
+
+def bf16_plan(device: torch.device, force: bool) -> tuple[bool, str]:
+    """Whether to run the bf16 variants on ``device``, and the line that says what the machine is.
+
+    On a CPU without native bf16 (``kd.training.cpu_bf16``) a bf16 matmul is emulated, tens of
+    times slower than fp32: measuring its peak and the bf16 variants would take minutes and show
+    nothing kd would run there (kd refuses bf16 on such a CPU), so they are skipped unless ``force``.
+    """
+    from kd.training.cpu_bf16 import cpu_bf16
+
+    if device.type != "cpu":
+        return True, f"{device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else device.type})"
+    support = cpu_bf16()
+    line = f"cpu: {support.description}, {torch.get_num_threads()} threads"
+    if support.native or force:
+        return True, line
+    return False, line + ("\nbf16 variants skipped: this CPU has no native bf16 (a bf16 matmul is emulated, tens "
+                          "of times slower than fp32; kd refuses bf16 here). --bf16 measures them anyway.")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -354,17 +379,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--bf16", action="store_true", help="measure the bf16 variants on a CPU without native bf16 too")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    args.bf16, machine = bf16_plan(device, args.bf16)
     import logging
     import warnings
 
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
-    peaks = {False: matmul_peak(device, torch.float32), True: matmul_peak(device, torch.bfloat16)}
-    print(f"{device}, {torch.get_num_threads()} threads; matmul peak: fp32 {peaks[False] / 1e9:.0f} GFLOP/s, "
-          f"bf16 {peaks[True] / 1e9:.0f} GFLOP/s")
+    peaks = {False: matmul_peak(device, torch.float32)}
+    if args.bf16:
+        peaks[True] = matmul_peak(device, torch.bfloat16)
+    print(machine)
+    print(f"matmul peak: fp32 {peaks[False] / 1e9:.0f} GFLOP/s" + (f", bf16 {peaks[True] / 1e9:.0f} GFLOP/s" if args.bf16 else ""))
     names = ["mlp", "cifar"] if args.workload == "both" else [args.workload]
     with tempfile.TemporaryDirectory() as tmp:
         done = [run_workload(name, Path(tmp), args, device) for name in names]

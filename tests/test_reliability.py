@@ -53,8 +53,8 @@ def test_a_nan_loss_term_stops_the_run_naming_it_keeps_the_last_good_checkpoint_
     assert code == 1, out
     lines = [ln for ln in out.splitlines() if ln.startswith("kd-train: diverged:")]
     assert lines == [f"kd-train: diverged: train/loss_kd is nan at step {step} (epoch 0, batch {step}); training stopped "
-                     "before that step changed the weights. Lower the learning rate or the loss weights, or clip "
-                     "gradients (trainer.gradient_clip_val)"], out
+                     "and no checkpoint holds weights from that step on. Lower the learning rate or the loss weights, or "
+                     "clip gradients (trainer.gradient_clip_val)"], out
     run = tmp_path / "run"
     results = json.loads((run / RESULTS_FILE).read_text())
     assert results["status"] == "failed" and results["error"] == lines[0].removeprefix("kd-train: diverged: ")
@@ -67,6 +67,11 @@ def test_a_nan_loss_term_stops_the_run_naming_it_keeps_the_last_good_checkpoint_
     state = torch.load(good, weights_only=True)
     assert state["global_step"] == 8
     assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
+    # the guard reads its device-side record every 16 steps and before each checkpoint: step 12's
+    # checkpoint (weights after the NaN) was refused, none after step 8 exists, every one is finite
+    saved = {p.name: torch.load(p, weights_only=True) for p in (run / "checkpoints").glob("*.ckpt")}
+    assert max(c["global_step"] for c in saved.values()) == 8, sorted(saved)
+    assert all(torch.isfinite(v).all() for c in saved.values() for v in c["state_dict"].values() if v.is_floating_point())
 
     # kd-table lists it as failed, with the reason
     (found,) = find_runs([run])

@@ -15,7 +15,7 @@ from kd.training.run import run
 # The documented fields of results.json (README, "What a run writes").
 RESULT_FIELDS = {
     "kd_version", "git", "status", "started_at", "wall_time_s", "run_dir", "overrides", "method",
-    "seed", "data", "teacher", "stages", "student", "config", "report", "world_size", "protocol",
+    "seed", "data", "teacher", "stages", "student", "config", "report", "world_size", "protocol", "peak_memory_bytes",
 }
 STUDENT_FIELDS = {"params", "weights", "selected", "best_epoch", "epochs", "checkpoint", "metrics", "final_metrics"}
 TEACHER_FIELDS = {"source", "path", "params", "metrics", "key"}

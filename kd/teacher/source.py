@@ -54,6 +54,7 @@ from kd.results import read_json, save_atomic, write_json_atomic
 from kd.teacher.cache import TeacherCache, open_cache
 from kd.teacher.ensemble import EnsembleCache, EnsembleExtractor, TeacherEnsemble, ensemble_settings
 from kd.training.checkpoints import SafeCheckpointIO
+from kd.training.cpu_bf16 import check_cpu_bf16, emulated_bf16
 from kd.training.fit import build_optimization, evaluate, fit
 from kd.training.module import DistillationModule
 
@@ -235,6 +236,7 @@ def multi_process_launch() -> bool:
 
 
 def _teacher_trainer(tcfg: DictConfig, key: str, **kwargs: Any) -> L.Trainer:
+    check_cpu_bf16(key, tcfg.trainer.get("precision"), tcfg.trainer.get("accelerator"), emulated_bf16(tcfg))
     return instantiate_checked(tcfg.trainer, key, **kwargs)
 
 

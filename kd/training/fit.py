@@ -119,6 +119,7 @@ def fit(
     compile: bool = False,
     resume: Path | None = None,
     peers: dict[str, nn.Module] | None = None,
+    finite_check_every: int = 16,
 ) -> FitResult:
     """Trains, then evaluates the final weights and the best-validation checkpoint.
 
@@ -142,6 +143,7 @@ def fit(
         resume: A checkpoint of this run to continue from (``kd.training.checkpoints``): weights,
             optimizer, scheduler, callbacks, random generators and the position in the epoch.
         peers: Networks that train with the student (``DistillationModule``'s ``peers``).
+        finite_check_every: Steps between two reads of the divergence guard (``kd.training.finite``).
 
     Returns:
         The measured metrics and the trained module.
@@ -152,7 +154,7 @@ def fit(
         student=student, criterion=criterion, optimizer=optimizer,
         num_classes=datamodule.num_classes, teacher=teacher, scheduler=scheduler,
         student_features=student_fx, teacher_features=teacher_fx, teacher_cache=teacher_cache,
-        channels_last=channels_last, compile=compile, peers=peers,
+        channels_last=channels_last, compile=compile, peers=peers, finite_check_every=finite_check_every,
     )
     stages = criterion.stages()
     report: list[dict[str, Any]] = []
@@ -165,7 +167,11 @@ def fit(
         )
     if resume is not None:
         check_resumable(module, resume, trainer)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume is not None else None)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume is not None else None)
+    except Exception as e:  # a step that failed on weights a NaN had reached: the NaN is the cause
+        module.finite.check()
+        raise e
     park_hpc_checkpoints(trainer)
     epochs = _epochs_trained(trainer)
     final, final_peers = split_peer_metrics(evaluate(trainer, module, datamodule), module.peers)

@@ -12,13 +12,14 @@ from torch.optim import Optimizer
 from torchmetrics import MeanMetric, Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from kd.errors import ConfigError, Diverged
+from kd.errors import ConfigError
 from kd.losses.base import DistillationLoss
 from kd.models.features import FeatureExtractor
 from kd.outputs import STUDENT, Batch, ModelOutput
 from kd.teacher.cache import TeacherCache
 from kd.teacher.ensemble import ensemble_logits
 from kd.training.dot import split_task_loss
+from kd.training.finite import FiniteWatch
 
 OptimizerFactory = Callable[..., Optimizer]
 SchedulerFactory = Callable[[Optimizer], Any]
@@ -31,11 +32,28 @@ ENSEMBLE = "ensemble"
 EPOCH_METRICS = "kd_epoch_metrics"
 
 
-def _accuracy(num_classes: int) -> MetricCollection:
-    metrics = {"acc": MulticlassAccuracy(num_classes, top_k=1, average="micro")}
+def _accuracy(num_classes: int, validate: bool = True) -> MetricCollection:
+    """Top-1 (and top-5) accuracy; ``validate=False`` skips torchmetrics' input checks, which read
+    the targets on the host (a device synchronisation per update): for the training step."""
+    metrics = {"acc": MulticlassAccuracy(num_classes, top_k=1, average="micro", validate_args=validate)}
     if num_classes > 5:
-        metrics["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
+        metrics["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro", validate_args=validate)
     return MetricCollection(metrics)
+
+
+class EpochMean(MeanMetric):
+    """The weighted mean of a loss term over an epoch, updated without a device synchronisation.
+
+    torchmetrics' ``MeanMetric.update`` looks for NaN on the host and copies a Python weight to
+    the device, both of which wait for the GPU; here the weight is a kernel argument and a NaN
+    reaches the mean (the divergence guard, ``kd.training.finite``, reports it). Same states
+    (``mean_value``: the weighted sum, ``weight``), so checkpoints of either load.
+    """
+
+    def update(self, value: Tensor, weight: float = 1.0) -> None:  # type: ignore[override]
+        """Adds a 0-dim ``value`` with weight ``weight`` (a number: the batch size)."""
+        self.mean_value += value.to(self.mean_value.dtype) * weight
+        self.weight += weight
 
 
 def check_peers(criterion: DistillationLoss, peers: dict[str, nn.Module] | None) -> None:
@@ -94,6 +112,8 @@ class DistillationModule(L.LightningModule):
             gets every network's output as ``student.members`` (the student's under ``student``);
             each is evaluated alone (``val/<name>/acc``, ...) and so is their ensemble
             (``val/ensemble/acc``: the mean of their probabilities).
+        finite_check_every: Steps between two host reads of the divergence guard's device-side
+            record (``kd.training.finite``); it is also read before every checkpoint and at the end.
 
     Raises:
         ConfigError: If the criterion needs a teacher and none is given, or peers and the
@@ -115,6 +135,7 @@ class DistillationModule(L.LightningModule):
         channels_last: bool = False,
         compile: bool = False,
         peers: dict[str, nn.Module] | None = None,
+        finite_check_every: int = 16,
     ) -> None:
         super().__init__()
         if criterion.requires_teacher and teacher is None:
@@ -146,8 +167,9 @@ class DistillationModule(L.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.scheduler_interval = scheduler_interval
+        self.finite = FiniteWatch(finite_check_every)
         acc = _accuracy(num_classes)
-        self.train_metrics = acc.clone(prefix="train/")
+        self.train_metrics = _accuracy(num_classes, validate=False).clone(prefix="train/")
         # the epoch means of the loss terms ("loss", "loss_kd", ...), made at their first step
         self.train_losses = nn.ModuleDict()
         self._resumed_epoch: dict[str, Any] | None = None  # see on_load_checkpoint
@@ -242,7 +264,7 @@ class DistillationModule(L.LightningModule):
                 batch["strong_teacher_logits"] = self.teacher_forward(strong).logits
         terms = self.criterion(student, teacher, batch, epoch=self.current_epoch)
         loss = torch.stack(list(terms.values())).sum()
-        self._check_finite(terms, loss, batch_idx)
+        self.finite.note(terms, loss, (self.global_step, self.current_epoch, batch_idx), self._rank_sum())
         n = len(y)
         if self._resumed_epoch is not None:
             self._restore_epoch_metrics()
@@ -266,31 +288,20 @@ class DistillationModule(L.LightningModule):
         optimizer = self.optimizers(use_pl_optimizer=False)
         return optimizer if getattr(optimizer, "splits_gradients", False) else None
 
-    def _check_finite(self, terms: dict[str, Tensor], loss: Tensor, batch_idx: int) -> None:
-        """Stops training at the first NaN/Inf term (or sum), before it reaches any weight.
-
-        The sum is non-finite exactly when a term is (or when finite terms overflow it), so the
-        step checks that one scalar: one host sync per step, the price of stopping at once (a
-        later check would let NaN weights into the step checkpoints). The terms are looked at only
-        once it fails.
-
-        Raises:
-            Diverged: Naming the first non-finite term (else the sum), the step, epoch and batch.
-        """
-        bad_here = ~torch.isfinite(loss.detach())
-        # every rank stops together: a rank that went on alone would wait forever in the next all-reduce
+    def _rank_sum(self) -> Callable[[Tensor], Tensor] | None:
+        """Sums a tensor over the ranks under DDP; None with one process."""
         trainer = self._trainer
-        several = trainer is not None and trainer.world_size > 1
-        bad_anywhere = trainer.strategy.reduce(bad_here.float(), reduce_op="sum") if several else bad_here
-        if not bool(bad_anywhere):
-            return
-        where = (self.global_step, self.current_epoch, batch_idx)
-        if not bool(bad_here):
-            raise Diverged("a loss term on another rank", float("nan"), *where)
-        for name, value in terms.items():
-            if not bool(torch.isfinite(value.detach())):
-                raise Diverged(f"train/loss_{name}", float(value.detach()), *where)
-        raise Diverged("train/loss", float(loss.detach()), *where)
+        if trainer is None or trainer.world_size <= 1:
+            return None
+        return lambda t: trainer.strategy.reduce(t, reduce_op="sum")
+
+    def check_finite(self) -> None:
+        """Reads the divergence guard's record (``kd.training.finite``): raises ``Diverged`` after a
+        non-finite loss term. Every rank calls it together (checkpoints, the end of training)."""
+        self.finite.check(self._rank_sum())
+
+    def on_train_end(self) -> None:
+        self.check_finite()  # the steps since the last read: nothing is saved or tested after a NaN
 
     def _eval_step(self, batch: Batch, metrics: MetricCollection, stage: str) -> None:
         x, y = self._input(batch), batch["target"]
@@ -322,7 +333,7 @@ class DistillationModule(L.LightningModule):
     def _loss_mean(self, name: str) -> MeanMetric:
         """The epoch mean of loss term ``name``, made at its first use."""
         if name not in self.train_losses:
-            self.train_losses[name] = MeanMetric().to(self.device)
+            self.train_losses[name] = EpochMean().to(self.device)
         return self.train_losses[name]  # type: ignore[return-value]
 
     def _epoch_metrics(self) -> dict[str, Metric]:
@@ -336,7 +347,12 @@ class DistillationModule(L.LightningModule):
 
         The metrics' states are sums: those of every rank are added up here (every rank saves a
         checkpoint together) and the resumed run puts the total on rank 0.
+
+        Raises:
+            Diverged: When a loss term was non-finite since the last read of the divergence guard:
+                the checkpoint would hold weights updated by it, and is not written.
         """
+        self.check_finite()
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith("teacher.")]:
             del state[key]

@@ -37,6 +37,7 @@ from kd.results import run_dir_state, task_overrides
 from kd.teacher.ensemble import build_ensemble
 from kd.teacher.source import multi_process_launch
 from kd.training.checkpoints import RunSettings, SafeCheckpointIO, StepSeeds, find_resume, resume_changes
+from kd.training.cpu_bf16 import check_cpu_bf16, emulated_bf16
 from kd.training.dot import check_dot
 from kd.training.fit import build_optimization
 from kd.training.loggers import continue_history
@@ -109,6 +110,7 @@ def prepare(cfg: DictConfig) -> Job:
             cfg.seed = saved["kd"]["config"]["seed"]
     seed = check_seed(cfg)
     apply_protocol(cfg)
+    check_cpu_bf16("trainer", cfg.trainer.get("precision"), cfg.trainer.get("accelerator"), emulated_bf16(cfg))
     if cfg.stages.max_epochs is not None:
         check_int("stages.max_epochs", cfg.stages.max_epochs, 1, valid=">= 1 or null")
     L.seed_everything(seed, workers=True, verbose=False)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
@@ -76,6 +77,7 @@ def run(cfg: DictConfig, finish: Callable[[Job, FitResult], dict[str, Any]] | No
             features=job.features, make_stage_trainer=stage_trainer(cfg),
             teacher_cache=teacher.cache if teacher else None, channels_last=bool(cfg.speed.channels_last),
             compile=bool(cfg.speed.compile), resume=job.resume, peers=job.peers,
+            finite_check_every=cfg.speed.finite_check_every,
         )
         record_run(record, job, teacher, result)
         if finish is not None:
@@ -119,6 +121,8 @@ def record_run(record: RunRecord, job: Job, teacher: Teacher | None, result: Fit
     selected = "best_test_epoch" if val_is_test and result.selected == "best_val" else result.selected
     record.fields.update({
         "world_size": job.trainer.world_size,
+        # the device memory the run's caching allocator held at most (GPU runs; sizes hydra/launcher=concurrent)
+        "peak_memory_bytes": int(torch.cuda.max_memory_reserved()) if torch.cuda.is_initialized() else None,
         "protocol": protocol_record(job.resolved, len(splits["train"]) if "train" in splits else None,
                                     0 if val_is_test else len(splits.get("val") or ()), str(job.trainer.precision),
                                     result.metrics, result.final_metrics),
