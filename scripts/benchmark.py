@@ -10,20 +10,31 @@ For each workload, in one process, on generated data of the real shapes and on-d
 (iii) kd + ``trainer.precision=bf16-mixed`` + ``speed.channels_last=true``;
 (iv)  (iii) + ``teacher_cache.enabled=true`` + ``data.fast=true``: the teacher's outputs read
       from the exact cache (built first, its build timed), batches rendered from memory;
-(iv') the same in fp32 (no bf16, no channels_last), to separate what the cache and fast data give.
+(iv') the same in fp32 (no bf16, no channels_last), to separate what the cache and fast data give;
+(v)   on a GPU: ``speed.fast=true`` (cache, fast data, fused optimizer, channels-last) in bf16;
+(vi)  on a GPU: (v) + ``speed.compile=reduce-overhead`` (CUDA graphs through torch.compile).
 
 Workloads: Hinton's MLP pair (784-1200-1200-10 -> 784-800-800-10, T=20) on MNIST-shaped data,
 and resnet32x4 -> resnet8x4 on CIFAR-100-shaped data at batch 64. Each variant runs ``--warmup``
 steps, then ``--steps`` timed steps (data loading included). It prints samples/s, the ratio to
 (i), peak memory (the kernel's high-water mark of the resident set above its level before the
 variant; CUDA: peak allocated), and the achieved FLOP/s of the step (FLOPs counted by ``torch.utils.flop_counter``)
-against a matmul peak this script measures itself, fp32 or bf16 as the variant computes.
+against a matmul peak this script measures itself, fp32 or bf16 as the variant computes. On a
+GPU, ``syncs/step`` counts the host synchronisations of a training step (forward, loss, backward,
+optimizer step) that CUDA reports under ``torch.cuda.set_sync_debug_mode("warn")``, over the
+warm-up steps after the first (untimed: the warnings cost time).
+
+``--concurrent N`` (default 4 on a GPU, off on a CPU) then runs the fastest cached variant in N
+processes at once on the same device (as ``hydra/launcher=concurrent`` runs a sweep) and reports
+their step time side by side, against the same variant alone.
 
 Then the cost of an 8-run temperature sweep of the standard 240-epoch CIFAR-100 recipe (45,000
 training images after kd's validation split, batch 64): plain = 8 runs x 240 epochs x steps x
 (i)'s step time; cached = the cache's construction (45,000 x 162 views x the per-view cost
 measured while building it here) + 8 x 240 x steps x (iv)'s step time. Teacher forwards are
-counted for both. On a CPU without native bf16 (no AVX-512-BF16 or AMX) the bf16 variants (iii)
+counted for both. With ``--concurrent N``: concurrent = the build + ceil(8 / N) x 240 x steps x the
+step time of N runs at once. And one 240-epoch run, cache build included: the build + 240 x steps
+x the fastest variant's step time. On a CPU without native bf16 (no AVX-512-BF16 or AMX) the bf16 variants (iii)
 and (iv) are skipped (kd refuses bf16 there; ``--bf16`` measures them anyway) and the sweep uses (iv').
 The first line names the CPU and torch's capability: a CPU timing means little without them.
 Not a test: the numbers depend on the machine and its load.
@@ -37,10 +48,14 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
+import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +66,7 @@ sys.path.insert(0, str(REPO))
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from omegaconf import open_dict  # noqa: E402
 from torch import nn  # noqa: E402
 
 WORKLOADS = {
@@ -66,13 +82,16 @@ WORKLOADS = {
         "n_train": 96, "views": 162,
     },
 }
-# kd's variants: label, overrides, whether it computes in bf16, whether it reads the teacher cache
+# kd's variants: label, overrides, whether it computes in bf16, whether it reads the teacher cache, GPU only
 VARIANTS = [
-    ("(ii) kd default", [], False, False),
-    ("(iii) kd + bf16 + channels_last", ["trainer.precision=bf16-mixed", "speed.channels_last=true"], True, False),
+    ("(ii) kd default", [], False, False, False),
+    ("(iii) kd + bf16 + channels_last", ["trainer.precision=bf16-mixed", "speed.channels_last=true"], True, False, False),
     ("(iv) kd + bf16 + cl + teacher cache + fast data", ["trainer.precision=bf16-mixed", "speed.channels_last=true",
-                                                         "data.fast=true"], True, True),
-    ("(iv') kd + teacher cache + fast data, fp32", ["data.fast=true"], False, True),
+                                                         "data.fast=true"], True, True, False),
+    ("(iv') kd + teacher cache + fast data, fp32", ["data.fast=true"], False, True, False),
+    ("(v) kd speed.fast, bf16", ["trainer.precision=bf16-mixed", "speed.fast=true"], True, True, True),
+    ("(vi) (v) + compile reduce-overhead", ["trainer.precision=bf16-mixed", "speed.fast=true",
+                                            "speed.compile=reduce-overhead"], True, True, True),
 ]
 SWEEP = {"runs": 8, "epochs": 240, "n_train": 45_000, "batch": 64, "views": 162}
 
@@ -141,17 +160,64 @@ class Result:
     peak_bytes: int
     flops_per_step: float
     bf16: bool
+    syncs_per_step: float | None = None
     notes: list[str] = field(default_factory=list)
 
 
-class StepTimer(L.Callback):
-    """Times Lightning steps from the start of step ``warmup`` to the end of the last one."""
+class SyncCount:
+    """Counts the host synchronisations CUDA reports between ``begin`` and ``end`` (on a GPU only).
 
-    def __init__(self, warmup: int, steps: int, device: torch.device) -> None:
+    Used as a context around the loop: ``torch.cuda.set_sync_debug_mode("warn")`` turns each
+    synchronising operation into a warning, recorded here.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.count, self.steps = 0, 0
+
+    def __enter__(self) -> SyncCount:
+        self._context = warnings.catch_warnings(record=True)
+        self._log = self._context.__enter__()
+        warnings.simplefilter("always")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.count = sum("synchroniz" in str(w.message) for w in self._log)
+        self._context.__exit__(*exc)
+
+    def begin(self) -> None:
+        if self.cuda:
+            torch.cuda.set_sync_debug_mode("warn")
+
+    def end(self) -> None:
+        if self.cuda:
+            torch.cuda.set_sync_debug_mode("default")
+            self.steps += 1
+
+    @property
+    def per_step(self) -> float | None:
+        return self.count / self.steps if self.cuda and self.steps else None
+
+
+class StepTimer(L.Callback):
+    """Times Lightning steps from the start of step ``warmup`` to the end of the last one; counts the
+    host synchronisations of the warm-up steps after the first (``syncs``)."""
+
+    def __init__(self, warmup: int, steps: int, device: torch.device, syncs: SyncCount | None = None) -> None:
         self.warmup, self.total, self.device = warmup, warmup + steps, device
         self.seen, self.start, self.end = 0, 0.0, 0.0
+        self.syncs = syncs
+
+    def _counted(self) -> bool:
+        return self.syncs is not None and 1 <= self.seen < self.warmup
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        if self._counted():
+            self.syncs.begin()  # type: ignore[union-attr]
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if self._counted():
+            self.syncs.end()  # type: ignore[union-attr]
         self.seen += 1
         if self.seen == self.warmup:
             sync(self.device)
@@ -165,8 +231,10 @@ class StepTimer(L.Callback):
 # --- (i) the plain loop ---------------------------------------------------------------------------
 
 def plain_loop(workload: str, data_root: Path, teacher: nn.Module, student: nn.Module, batch: int,
-               temperature: float, warmup: int, steps: int, device: torch.device) -> float:
-    """Seconds per step of the reference repos' loop, after ``warmup`` steps."""
+               temperature: float, warmup: int, steps: int, device: torch.device,
+               syncs: SyncCount | None = None) -> float:
+    """Seconds per step of the reference repos' loop, after ``warmup`` steps (``syncs`` counts the
+    host synchronisations of the warm-up steps after the first)."""
     from torchvision import datasets, transforms
 
     if workload == "cifar":
@@ -189,6 +257,9 @@ def plain_loop(workload: str, data_root: Path, teacher: nn.Module, student: nn.M
     while True:
         for x, y in loader:
             x, y = x.to(device), y.to(device)
+            counted = syncs is not None and 1 <= done < warmup
+            if counted:
+                syncs.begin()  # type: ignore[union-attr]
             with torch.no_grad():
                 t_logits = teacher(x)
             s_logits = student(x)
@@ -198,6 +269,8 @@ def plain_loop(workload: str, data_root: Path, teacher: nn.Module, student: nn.M
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+            if counted:
+                syncs.end()  # type: ignore[union-attr]
             done += 1
             if done == warmup:
                 sync(device)
@@ -228,7 +301,11 @@ def kd_loop(cfg: Any, teacher_state: dict[str, torch.Tensor], student_state: dic
     from kd.training.fit import build_optimization
     from kd.training.method import prepare_method
     from kd.training.module import DistillationModule
+    from kd.training.speed import apply_speed
 
+    with open_dict(cfg):
+        cfg.trainer.accelerator = "gpu" if device.type == "cuda" else "cpu"
+    apply_speed(cfg)  # speed.fast: what applies here (fused optimizer, channels-last on a GPU)
     L.seed_everything(0, verbose=False)
     datamodule = instantiate_checked(cfg.data, "data")
     criterion = instantiate_checked(cfg.distill, "distill")
@@ -250,15 +327,20 @@ def kd_loop(cfg: Any, teacher_state: dict[str, torch.Tensor], student_state: dic
     module = DistillationModule(
         student=student, criterion=criterion, optimizer=optimizer, num_classes=datamodule.num_classes,
         teacher=teacher, scheduler=scheduler, student_features=student_fx, teacher_features=teacher_fx,
-        teacher_cache=cache, channels_last=bool(cfg.speed.channels_last), compile=bool(cfg.speed.compile),
+        teacher_cache=cache, channels_last=bool(cfg.speed.channels_last), compile=cfg.speed.compile,
+        fused_optimizer=bool(cfg.speed.fused_optimizer),
     )
-    timer = StepTimer(warmup, steps, device)
+    syncs = SyncCount(device)
+    timer = StepTimer(warmup, steps, device, syncs)
     trainer = L.Trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, precision=cfg.trainer.precision,
         max_epochs=10**6, limit_val_batches=0, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
     )
-    trainer.fit(module, datamodule=datamodule)
+    with syncs:
+        trainer.fit(module, datamodule=datamodule)
+    if syncs.per_step is not None:
+        notes["syncs_per_step"] = syncs.per_step
     return (timer.end - timer.start) / steps, notes
 
 
@@ -302,40 +384,89 @@ def run_workload(name: str, root: Path, args: argparse.Namespace, device: torch.
 
     results = []
     print(f"\n{spec['title']}: {args.warmup} warm-up + {args.steps} timed steps per variant", flush=True)
-    with PeakMemory(device) as mem:
-        step = plain_loop(name, data_root, teacher, student, batch, temperature, args.warmup, args.steps, device)
-    results.append(Result("(i) plain PyTorch loop, fp32", batch / step, step, mem.peak, flops_full, False))
+    with PeakMemory(device) as mem, SyncCount(device) as syncs:
+        step = plain_loop(name, data_root, teacher, student, batch, temperature, args.warmup, args.steps, device, syncs)
+    results.append(Result("(i) plain PyTorch loop, fp32", batch / step, step, mem.peak, flops_full, False, syncs.per_step))
     print(f"  {results[-1].name}: {step:.3f} s/step", flush=True)
-    variants = [v for v in VARIANTS if args.bf16 or not v[2]]
+    variants = [v for v in VARIANTS if (args.bf16 or not v[2]) and (device.type == "cuda" or not v[4])]
     notes: dict[str, Any] = {}
-    for label, overrides, bf16, cache in variants:
+    for label, overrides, bf16, cache, _ in variants:
         vcfg = compose([*base, *overrides])
         with PeakMemory(device) as mem:
             step, info = kd_loop(vcfg, t_state, s_state, args.warmup, args.steps, device,
                                  root / "cache" if cache else None)
+        syncs = info.pop("syncs_per_step", None)
         notes = info or notes
-        results.append(Result(label, batch / step, step, mem.peak, flops_cached if cache else flops_full, bf16))
+        results.append(Result(label, batch / step, step, mem.peak, flops_cached if cache else flops_full, bf16, syncs))
         print(f"  {label}: {step:.3f} s/step", flush=True)
-    return {"name": name, "title": spec["title"], "results": results, "cache": notes, "batch": batch}
+    workload = {"name": name, "title": spec["title"], "results": results, "cache": notes, "batch": batch}
+    if args.concurrent > 1:
+        cached = {v[0]: v[1] for v in variants if v[3]}
+        label = min((r for r in results if r.name in cached), key=lambda r: r.step_s).name  # the fastest cached path
+        overrides = cached[label]
+        states = root / f"{name}-states"
+        states.mkdir(exist_ok=True)
+        torch.save(t_state, states / "teacher.pt")
+        torch.save(s_state, states / "student.pt")
+        spec_child = {"overrides": [*base, *overrides], "teacher": str(states / "teacher.pt"),
+                      "student": str(states / "student.pt"), "cache": str(root / "cache"), "device": str(device),
+                      "warmup": args.warmup, "steps": args.steps}
+        alone = next(r for r in results if r.name == label)
+        workload["concurrent"] = {"label": label, "alone_s": alone.step_s, "n": args.concurrent,
+                                  **run_concurrently(spec_child, args.concurrent, root)}
+        c = workload["concurrent"]
+        print(f"  {label}, {c['n']} runs at once: {c['step_s']:.3f} s/step each (alone {alone.step_s:.3f})", flush=True)
+    return workload
+
+
+def run_concurrently(spec: dict[str, Any], n: int, root: Path) -> dict[str, float]:
+    """Runs ``kd_loop`` of ``spec`` in ``n`` processes at once; their mean step time and largest peak memory."""
+    path = root / "concurrent.json"
+    path.write_text(json.dumps(spec))
+    # each with its share of the CPU cores, as joblib (hydra/launcher=concurrent) gives its workers
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // n))}
+    children = [subprocess.Popen([sys.executable, __file__, "--child", str(path)], stdout=subprocess.PIPE, text=True,
+                                 env=env) for _ in range(n)]
+    outs = [json.loads(c.communicate()[0].strip().splitlines()[-1]) for c in children]
+    if any(c.returncode for c in children):
+        raise RuntimeError(f"a concurrent run failed: {[c.returncode for c in children]}")
+    return {"step_s": sum(o["step_s"] for o in outs) / n, "peak_bytes": max(o["peak"] for o in outs)}
+
+
+def child(spec_path: str) -> None:
+    """One of ``--concurrent``'s processes: times ``kd_loop`` of the spec, prints ``{"step_s", "peak"}``."""
+    import logging
+
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    spec = json.loads(Path(spec_path).read_text())
+    device = torch.device(spec["device"])
+    t_state = torch.load(spec["teacher"], weights_only=True)
+    s_state = torch.load(spec["student"], weights_only=True)
+    with PeakMemory(device) as mem:
+        step, _ = kd_loop(compose(spec["overrides"]), t_state, s_state, spec["warmup"], spec["steps"], device,
+                          Path(spec["cache"]))
+    print(json.dumps({"step_s": step, "peak": mem.peak}), flush=True)
 
 
 def print_table(workload: dict[str, Any], peaks: dict[bool, float]) -> None:
     rows = workload["results"]
     base = rows[0].samples_per_s
     print(f"\n{workload['title']}")
-    print("| variant | samples/s | x (i) | peak memory MB | GFLOP/step | achieved GFLOP/s | of matmul peak |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| variant | samples/s | x (i) | peak memory MB | GFLOP/step | achieved GFLOP/s | of matmul peak | syncs/step |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         achieved = r.flops_per_step / r.step_s
         peak = peaks[r.bf16]
         print(f"| {r.name} | {r.samples_per_s:.1f} | {r.samples_per_s / base:.2f} | {r.peak_bytes / 2**20:.0f} | "
               f"{r.flops_per_step / 1e9:.2f} | {achieved / 1e9:.1f} | {100 * achieved / peak:.1f}% "
-              f"({'bf16' if r.bf16 else 'fp32'}) |")
+              f"({'bf16' if r.bf16 else 'fp32'}) | {'-' if r.syncs_per_step is None else f'{r.syncs_per_step:.1f}'} |")
 
 
 def print_sweep(workload: dict[str, Any]) -> None:
     rows = {r.name[: r.name.index(")") + 1]: r for r in workload["results"]}
-    fastest = "(iv)" if "(iv)" in rows else "(iv')"  # (iv') where bf16 was skipped
+    fastest = min((k for k in rows if k != "(i)" and k not in ("(ii)", "(iii)")), key=lambda k: rows[k].step_s)
     plain, cached = rows["(i)"].step_s, rows[fastest].step_s
     per_view = workload["cache"]["per_view_s"]
     s = SWEEP
@@ -352,6 +483,17 @@ def print_sweep(workload: dict[str, Any]) -> None:
     print(f"          + {s['runs']} x {s['epochs']} x {steps} steps x {cached:.3f} s {fastest} = {cached_s / 3600:,.1f} h; "
           f"teacher forwards {s['n_train'] * s['views']:,}")
     print(f"  cached / plain = {cached_s / plain_s:.1%} (target <= 40%)")
+    one_s = build_s + s["epochs"] * steps * cached
+    print(f"  one {s['epochs']}-epoch run, build included: {build_s / 60:,.1f} min + {s['epochs']} x {steps} x {cached:.3f} s "
+          f"{fastest} = {one_s / 60:,.1f} min")
+    c = workload.get("concurrent")
+    if c:
+        waves = math.ceil(s["runs"] / c["n"])
+        together_s = build_s + waves * s["epochs"] * steps * c["step_s"]
+        print(f"  concurrent, {c['n']} at once ({c['label'].split(' ')[0]}): build {build_s / 60:,.1f} min + {waves} x "
+              f"{s['epochs']} x {steps} steps x {c['step_s']:.3f} s = {together_s / 60:,.1f} min, against "
+              f"{(build_s + s['runs'] * s['epochs'] * steps * c['alone_s']) / 60:,.1f} min one after the other; "
+              f"peak memory per run {c['peak_bytes'] / 2**30:.2f} GiB")
 
 
 def bf16_plan(device: torch.device, force: bool) -> tuple[bool, str]:
@@ -380,7 +522,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--bf16", action="store_true", help="measure the bf16 variants on a CPU without native bf16 too")
+    parser.add_argument("--concurrent", type=int, default=None,
+                        help="runs at once for the concurrent line (default 4 on a GPU, 0: none, on a CPU)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.child:
+        child(args.child)
+        return
+    if args.concurrent is None:
+        args.concurrent = 4 if args.device.startswith("cuda") else 0
     device = torch.device(args.device)
     args.bf16, machine = bf16_plan(device, args.bf16)
     import logging

@@ -84,3 +84,52 @@ def test_compiled_extractor_gives_the_eager_outputs() -> None:
     assert refreshed is not fn
     with torch.no_grad():
         torch.testing.assert_close(refreshed(x).logits, net(x), rtol=1e-4, atol=1e-5)
+
+
+def test_speed_fast_turns_on_what_applies_to_the_run(make_cfg) -> None:
+    from kd.training.speed import apply_speed
+
+    cfg = make_cfg("speed.fast=true")  # digits on the CPU: cache and in-memory batches, nothing GPU-only
+    assert apply_speed(cfg) == ["data.fast=true", "teacher_cache.enabled=true"]
+    assert (cfg.data.fast, cfg.teacher_cache.enabled, cfg.speed.fused_optimizer, cfg.speed.channels_last) == (
+        True, True, False, False)
+    gpu = make_cfg("speed.fast=true", "trainer.accelerator=gpu", "data.fast=true")
+    assert apply_speed(gpu) == ["teacher_cache.enabled=true", "speed.fused_optimizer=true", "speed.channels_last=true"]
+    imagenet = make_cfg("speed.fast=true", "experiment=imagenet_resnet34_resnet18", "trainer.accelerator=cpu")
+    assert apply_speed(imagenet) == []  # RandomResizedCrop: no finite set of views to cache, no data.fast
+    assert apply_speed(make_cfg()) == []  # off by default
+
+
+def test_a_fast_run_is_the_run_with_cache_and_in_memory_batches(make_cfg) -> None:
+    from kd.training.run import run
+
+    common = ("trainer.limit_train_batches=3", "report.enabled=false")
+    fast = run(make_cfg(*common, "speed.fast=true", run_dir="fast"))
+    by_hand = run(make_cfg(*common, "data.fast=true", "teacher_cache.enabled=true", run_dir="by_hand"))
+    assert fast["config"]["teacher_cache"]["enabled"] and fast["config"]["data"]["fast"]
+    assert fast["student"]["final_metrics"] == by_hand["student"]["final_metrics"]
+
+
+def test_fused_optimizer_is_used_only_on_a_gpu_and_only_when_the_class_has_one() -> None:
+    student = ConvNet(num_classes=10, in_channels=1, channels=[4], depth=1, hidden=0)
+    sgd = DistillationModule(student, KDLoss(), functools.partial(torch.optim.SGD, lr=0.1), 10,
+                             teacher=ConvNet(num_classes=10, in_channels=1, channels=[4], depth=1, hidden=0),
+                             fused_optimizer=True)
+    assert not sgd.configure_optimizers().defaults.get("fused")  # on the CPU: the foreach kernel
+    if torch.cuda.is_available():
+        assert sgd.to("cuda").configure_optimizers().defaults["fused"]
+
+
+@pytest.mark.parametrize(("value", "mode"), [(False, None), (True, "default"), ("reduce-overhead", "reduce-overhead")])
+def test_speed_compile_takes_a_torch_compile_mode(value, mode) -> None:
+    from kd.training.module import compile_mode
+
+    assert compile_mode(value) == mode
+
+
+def test_an_unknown_compile_mode_is_refused(make_cfg) -> None:
+    from kd.errors import ConfigError
+    from kd.training.run import run
+
+    with pytest.raises(ConfigError, match=r"^speed.compile: must be false, true or a torch.compile mode .*got 'fastest'"):
+        run(make_cfg("speed.compile=fastest"))

@@ -152,15 +152,18 @@ class FeatureExtractor:
         if self.mode == "fx" and self._graph is None:
             self._graph = _build_graph(self.model, sorted(set(self._fx_names.values())), self._last)
 
-    def compiled(self) -> Callable[[Tensor], ModelOutput]:
+    def compiled(self, mode: str = "default") -> Callable[[Tensor], ModelOutput]:
         """``torch.compile`` of this extractor's call, its FX graph built first in eager mode.
 
         ``create_feature_extractor`` cannot run inside a compiled function, so the graph must exist
         before compiling. Compiled again when ``sync`` dropped the graph (module surgery).
+
+        Args:
+            mode: torch.compile's mode (``reduce-overhead``: CUDA graphs, for launch-bound small models).
         """
         self.ensure_built()
         if self._compiled is None or self._compiled[0] is not self._graph:
-            self._compiled = (self._graph, torch.compile(self.__call__))
+            self._compiled = (self._graph, torch.compile(self.__call__, mode=mode))
         return self._compiled[1]
 
     def __call__(self, x: Tensor) -> ModelOutput:

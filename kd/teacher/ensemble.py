@@ -128,9 +128,9 @@ class EnsembleExtractor:
         for fx in self.members.values():
             fx.ensure_built()
 
-    def compiled(self) -> Callable[[Tensor], ModelOutput]:
-        """Each member's compiled extractor, combined."""
-        calls = {name: fx.compiled() for name, fx in self.members.items()}
+    def compiled(self, mode: str = "default") -> Callable[[Tensor], ModelOutput]:
+        """Each member's compiled extractor (torch.compile ``mode``), combined."""
+        calls = {name: fx.compiled(mode) for name, fx in self.members.items()}
         return lambda x: self.model.combined({name: call(x) for name, call in calls.items()})
 
     def __getstate__(self) -> dict[str, Any]:

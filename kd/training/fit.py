@@ -116,7 +116,8 @@ def fit(
     make_stage_trainer: Callable[[int], L.Trainer] | None = None,
     teacher_cache: TeacherCache | None = None,
     channels_last: bool = False,
-    compile: bool = False,
+    compile: bool | str = False,
+    fused_optimizer: bool = False,
     resume: Path | None = None,
     peers: dict[str, nn.Module] | None = None,
     finite_check_every: int = 16,
@@ -139,7 +140,8 @@ def fit(
             needed when the method has stages.
         teacher_cache: The teacher's stored outputs (``kd.teacher.cache``), read instead of running it.
         channels_last: Channels-last memory layout for conv nets and image batches.
-        compile: ``torch.compile`` the student's and teacher's forward.
+        compile: ``torch.compile`` the student's and teacher's forward (True or a torch.compile mode).
+        fused_optimizer: The optimizer's fused kernel on a GPU.
         resume: A checkpoint of this run to continue from (``kd.training.checkpoints``): weights,
             optimizer, scheduler, callbacks, random generators and the position in the epoch.
         peers: Networks that train with the student (``DistillationModule``'s ``peers``).
@@ -155,6 +157,7 @@ def fit(
         num_classes=datamodule.num_classes, teacher=teacher, scheduler=scheduler,
         student_features=student_fx, teacher_features=teacher_fx, teacher_cache=teacher_cache,
         channels_last=channels_last, compile=compile, peers=peers, finite_check_every=finite_check_every,
+        fused_optimizer=fused_optimizer,
     )
     stages = criterion.stages()
     report: list[dict[str, Any]] = []

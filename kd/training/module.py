@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -56,6 +57,25 @@ class EpochMean(MeanMetric):
         self.weight += weight
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def compile_mode(value: bool | str | None) -> str | None:
+    """``speed.compile`` as torch.compile's mode: None (eager), ``default`` (true) or a named mode.
+
+    Raises:
+        ConfigError: For another value.
+    """
+    if value in (None, False, "false", "none"):
+        return None
+    if value is True or value == "true":
+        return "default"
+    if value not in COMPILE_MODES:
+        raise ConfigError("speed.compile", f"must be false, true or a torch.compile mode ({', '.join(COMPILE_MODES)}), "
+                          f"got {value!r}")
+    return str(value)
+
+
 def check_peers(criterion: DistillationLoss, peers: dict[str, nn.Module] | None) -> None:
     """Checks networks that train together (``model.peers``) go with a method that trains them.
 
@@ -106,7 +126,10 @@ class DistillationModule(L.LightningModule):
             instead of running the teacher; batches must carry ``index`` and ``view``.
         channels_last: Keep conv weights and image batches in channels-last memory layout.
         compile: ``torch.compile`` the student's and the teacher's forward (their feature
-            extractors are built first, then compiled).
+            extractors are built first, then compiled): True, or torch.compile's mode
+            (``reduce-overhead``: CUDA graphs; ``max-autotune``).
+        fused_optimizer: On a GPU, the optimizer's fused kernel (``fused=True``: SGD, Adam, AdamW)
+            instead of one launch per parameter group of tensors.
         peers: Networks that train with the student, by name, for methods that train several
             (``criterion.trains_peers``: DML, KDCL). One optimizer steps them all; the criterion
             gets every network's output as ``student.members`` (the student's under ``student``);
@@ -133,8 +156,9 @@ class DistillationModule(L.LightningModule):
         teacher_features: FeatureExtractor | None = None,
         teacher_cache: TeacherCache | None = None,
         channels_last: bool = False,
-        compile: bool = False,
+        compile: bool | str = False,
         peers: dict[str, nn.Module] | None = None,
+        fused_optimizer: bool = False,
         finite_check_every: int = 16,
     ) -> None:
         super().__init__()
@@ -163,7 +187,8 @@ class DistillationModule(L.LightningModule):
             raise ValueError("a teacher cache was given without a teacher")
         self.teacher_cache = teacher_cache
         self.channels_last = channels_last
-        self.compile = compile
+        self.compile = compile_mode(compile)
+        self.fused_optimizer = fused_optimizer
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.scheduler_interval = scheduler_interval
@@ -240,7 +265,7 @@ class DistillationModule(L.LightningModule):
         The extractor is looked up at every call: callbacks (QAT, structured pruning) replace the
         student's extractor or its graph during training.
         """
-        return extractor.compiled()(x) if self.compile else extractor(x)
+        return extractor.compiled(self.compile)(x) if self.compile else extractor(x)
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         """Student, peer and criterion parameters: everything the optimizer updates, never the teacher."""
@@ -402,8 +427,17 @@ class DistillationModule(L.LightningModule):
                 state.setdefault(f"teacher.{key}", value)
         self._resumed_epoch = checkpoint.get(EPOCH_METRICS)
 
+    def _optimizer(self, params: list[nn.Parameter]) -> Optimizer:
+        """The optimizer, fused on a GPU under ``fused_optimizer`` when its class has a fused kernel."""
+        factory = self.optimizer_factory
+        cls = getattr(factory, "func", factory)
+        fusable = "fused" in inspect.signature(cls).parameters and "fused" not in (getattr(factory, "keywords", None) or {})
+        if self.fused_optimizer and fusable and self.device.type == "cuda":
+            return factory(params, fused=True)
+        return factory(params)
+
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(list(self.trainable_parameters()))
+        optimizer = self._optimizer(list(self.trainable_parameters()))
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)

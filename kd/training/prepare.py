@@ -42,8 +42,9 @@ from kd.training.dot import check_dot
 from kd.training.fit import build_optimization
 from kd.training.loggers import continue_history
 from kd.training.method import prepare_method
-from kd.training.module import check_peers
+from kd.training.module import check_peers, compile_mode
 from kd.training.protocol import apply_protocol
+from kd.training.speed import apply_speed
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +111,8 @@ def prepare(cfg: DictConfig) -> Job:
             cfg.seed = saved["kd"]["config"]["seed"]
     seed = check_seed(cfg)
     apply_protocol(cfg)
+    apply_speed(cfg)
+    compile_mode(OmegaConf.select(cfg, "speed.compile", default=False))
     check_cpu_bf16("trainer", cfg.trainer.get("precision"), cfg.trainer.get("accelerator"), emulated_bf16(cfg))
     if cfg.stages.max_epochs is not None:
         check_int("stages.max_epochs", cfg.stages.max_epochs, 1, valid=">= 1 or null")

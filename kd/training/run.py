@@ -76,7 +76,7 @@ def run(cfg: DictConfig, finish: Callable[[Job, FitResult], dict[str, Any]] | No
             teacher=teacher.net if teacher else None, trainer=job.trainer, optimization=job.optimization,
             features=job.features, make_stage_trainer=stage_trainer(cfg),
             teacher_cache=teacher.cache if teacher else None, channels_last=bool(cfg.speed.channels_last),
-            compile=bool(cfg.speed.compile), resume=job.resume, peers=job.peers,
+            compile=cfg.speed.compile, fused_optimizer=bool(cfg.speed.fused_optimizer), resume=job.resume, peers=job.peers,
             finite_check_every=cfg.speed.finite_check_every,
         )
         record_run(record, job, teacher, result)
