@@ -122,3 +122,30 @@ def test_a_gpu_training_step_never_synchronises(make_cfg, tmp_path: Path, monkey
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert results["status"] == "completed"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
+def test_speed_fast_with_cuda_graphs_trains_and_resumes_exactly(tmp_path: Path) -> None:
+    import json
+
+    from tests.faults import kd_train
+
+    root = write_cifar(tmp_path / "data", dataset="cifar100", n_train=200, n_test=20, labels_used=8)
+    common = ("experiment=cifar100_resnet32x4_resnet8x4", "trainer=gpu", f"data.root={root}", "data.val_size=40",
+              "data.batch_size=16", "report.enabled=false", "speed.fast=true", "speed.compile=reduce-overhead",
+              "trainer.max_epochs=2", "trainer.limit_train_batches=6", "checkpoint.every_n_train_steps=3",
+              "trainer.enable_progress_bar=false", f"teacher.store_dir={tmp_path / 'store'}")
+    code, out = kd_train(tmp_path, *common, f"hydra.run.dir={tmp_path / 'whole'}")
+    assert code == 0, out
+    whole = json.loads((tmp_path / "whole" / "results.json").read_text())
+    assert whole["peak_memory_bytes"] > 0
+    assert whole["config"]["speed"]["fused_optimizer"] and whole["config"]["teacher_cache"]["enabled"]
+    # killed after step 8 (epoch 1), resumed from step 6's checkpoint: it ends where the whole run did
+    killed = (*common, f"hydra.run.dir={tmp_path / 'part'}", "+callbacks.fault._target_=tests.faults.KillAt",
+              "+callbacks.fault.step=8", f"+callbacks.fault.marker={tmp_path / 'killed'}")
+    assert kd_train(tmp_path, *killed)[0] == -9
+    code, out = kd_train(tmp_path, *killed, "resume=auto")
+    assert code == 0, out
+    resumed = json.loads((tmp_path / "part" / "results.json").read_text())
+    assert resumed["student"]["final_metrics"] == whole["student"]["final_metrics"]
