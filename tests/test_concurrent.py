@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from kd.cli.concurrent import SizeConcurrentRuns, common_overrides, runs_that_fit
 from tests.faults import kd_train
@@ -61,3 +62,21 @@ def test_the_probe_runs_the_sweeps_common_config() -> None:
 def test_zero_runs_at_once_on_a_cpu_is_one_per_two_cores(make_cfg, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("os.cpu_count", lambda: 16)
     assert SizeConcurrentRuns.size(make_cfg("trainer=cpu")) == 8
+
+
+def test_the_probe_runs_kd_train_and_reads_its_peak_memory_or_says_there_is_none(tmp_path: Path) -> None:
+    from kd.cli.concurrent import probe_peak
+    from kd.errors import ConfigError
+
+    overrides = ["debug=fdr", f"paths.root={tmp_path / 'outputs'}"]
+    if torch.cuda.is_available():
+        assert probe_peak([*overrides, "trainer=gpu"], tmp_path / "probe") > 0
+        return
+    with pytest.raises(ConfigError, match=r"^hydra.launcher.n_jobs: the probe run recorded no peak device memory"):
+        probe_peak(overrides, tmp_path / "probe")
+    results = json.loads((tmp_path / "probe" / "results.json").read_text())
+    assert results["status"] == "completed" and results["peak_memory_bytes"] is None
+    assert results["config"]["trainer"]["limit_train_batches"] == 20  # the probe's steps, over debug=fdr's 1
+    with pytest.raises(ConfigError, match=r"^hydra.launcher.n_jobs: 0 \(as many runs as fit\) measures one run first, "
+                                          r"and that run failed \(.*distill.temprature"):
+        probe_peak([*overrides, "distill.temprature=2"], tmp_path / "bad")

@@ -7,7 +7,7 @@ the first run that needs them builds under a file lock while the others wait and
 
 ``hydra.launcher.n_jobs=0`` (the default of ``conf/hydra/launcher/concurrent.yaml``) sizes the
 number of runs at once before the sweep starts (``SizeConcurrentRuns``): on a GPU, a probe run of
-the sweep's common config (a few steps, in its own process, under ``<sweep dir>/probe``) measures
+the sweep's common config (a few steps, in its own process, under ``<paths.root>/probes/``) measures
 one run's peak device memory, and as many runs start together as fit in the free memory, with
 each process's CUDA context and a margin; on a CPU, one run per two cores. A number sets it.
 """
@@ -97,7 +97,11 @@ class SizeConcurrentRuns(Callback):
             log.info("concurrent launcher: %d runs at once (one per two of %d CPU cores)", n, cores)
             return n
         free, total = torch.cuda.mem_get_info()
-        peak = probe_peak(common_overrides(list(config.hydra.overrides.task)), Path(config.hydra.sweep.dir) / "probe")
+        # outside the sweep directory, where kd-table would count it as a run of the sweep
+        probe_dir = Path(config.paths.root) / "probes" / Path(str(config.hydra.sweep.dir)).name
+        log.info("concurrent launcher: measuring one run's peak memory in %s (%d steps; a teacher not yet stored "
+                 "is trained first, once for the whole sweep)", probe_dir, PROBE_STEPS)
+        peak = probe_peak(common_overrides(list(config.hydra.overrides.task)), probe_dir)
         n = runs_that_fit(free, peak, cap=max(1, cores - 1))
         log.info("concurrent launcher: %d runs at once: %.1f of %.1f GiB free, one run's peak %.2f GiB + CUDA context",
                  n, free / 2**30, total / 2**30, peak / 2**30)
