@@ -44,6 +44,8 @@ def test_this_machine_has_an_answer() -> None:
 
 @pytest.fixture
 def avx2_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):  # the CPU of the test, not the machine's limits
+        monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(cb, "cpu_features", lambda: dict(ZEN2))
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
 
