@@ -20,7 +20,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from kd.errors import Diverged
+from kd.errors import Diverged, check_int
 
 # (global step, epoch, batch) of a watched step
 Where = tuple[int, int, int]
@@ -34,11 +34,7 @@ class FiniteWatch:
     """
 
     def __init__(self, every: int = 16) -> None:
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            from kd.errors import ConfigError
-
-            raise ConfigError("speed.finite_check_every", f"must be an integer >= 1, got {every!r}")
-        self.every = every
+        self.every = check_int("speed.finite_check_every", every, 1, valid=">= 1")
         self.names: tuple[str, ...] = ()
         self.where: list[Where] = []  # the steps recorded since the last read, in order
         self.first: Tensor | None = None  # () long: index into `where` of the first non-finite step, -1: none

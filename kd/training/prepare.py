@@ -39,6 +39,7 @@ from kd.teacher.source import multi_process_launch
 from kd.training.checkpoints import RunSettings, SafeCheckpointIO, StepSeeds, find_resume, resume_changes
 from kd.training.cpu_bf16 import check_cpu_bf16, emulated_bf16
 from kd.training.dot import check_dot
+from kd.training.finite import FiniteWatch
 from kd.training.fit import build_optimization
 from kd.training.loggers import continue_history
 from kd.training.method import prepare_method
@@ -113,6 +114,7 @@ def prepare(cfg: DictConfig) -> Job:
     apply_protocol(cfg)
     apply_speed(cfg)
     compile_mode(OmegaConf.select(cfg, "speed.compile", default=False))
+    FiniteWatch(OmegaConf.select(cfg, "speed.finite_check_every", default=16))  # checked before anything trains
     check_cpu_bf16("trainer", cfg.trainer.get("precision"), cfg.trainer.get("accelerator"), emulated_bf16(cfg))
     if cfg.stages.max_epochs is not None:
         check_int("stages.max_epochs", cfg.stages.max_epochs, 1, valid=">= 1 or null")
