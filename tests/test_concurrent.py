@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kd.cli.concurrent import SizeConcurrentRuns, common_overrides, runs_that_fit
+from kd.cli.concurrent import SizeConcurrentRuns, common_overrides, free_device_memory, probe_peak, runs_that_fit
+from kd.errors import ConfigError
 from tests.faults import kd_train
 
 GiB = 2**30
@@ -65,9 +66,6 @@ def test_zero_runs_at_once_on_a_cpu_is_one_per_two_cores(make_cfg, monkeypatch: 
 
 
 def test_the_probe_runs_kd_train_and_reads_its_peak_memory_or_says_there_is_none(tmp_path: Path) -> None:
-    from kd.cli.concurrent import probe_peak
-    from kd.errors import ConfigError
-
     overrides = ["debug=fdr", f"paths.root={tmp_path / 'outputs'}"]
     if torch.cuda.is_available():
         assert probe_peak([*overrides, "trainer=gpu"], tmp_path / "probe") > 0
@@ -80,3 +78,14 @@ def test_the_probe_runs_kd_train_and_reads_its_peak_memory_or_says_there_is_none
     with pytest.raises(ConfigError, match=r"^hydra.launcher.n_jobs: 0 \(as many runs as fit\) measures one run first, "
                                           r"and that run failed \(.*distill.temprature"):
         probe_peak([*overrides, "distill.temprature=2"], tmp_path / "bad")
+
+
+def test_the_free_memory_is_asked_in_a_process_of_its_own() -> None:
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match=r"^hydra.launcher.n_jobs: 0 \(as many runs as fit\) reads the GPU's free "
+                                              r"memory, and that failed \(.+\); give the number"):
+            free_device_memory()
+        return
+    free, total = free_device_memory()
+    assert 0 < free <= total
+    assert not torch.cuda.is_initialized()  # this process holds no CUDA context for it

@@ -75,6 +75,25 @@ def probe_peak(overrides: list[str], run_dir: Path) -> int:
     return int(peak)
 
 
+def free_device_memory() -> tuple[int, int]:
+    """The current GPU's (free, total) bytes, asked in a process of its own.
+
+    ``torch.cuda.mem_get_info`` creates a CUDA context (about 0.5 GiB of device memory) that stays
+    for the life of the process; asked here, the launcher would hold one for the whole sweep.
+
+    Raises:
+        ConfigError: When no GPU answers.
+    """
+    ask = "import torch; print(*torch.cuda.mem_get_info())"
+    done = subprocess.run([sys.executable, "-c", ask], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    words = done.stdout.split()
+    if done.returncode != 0 or len(words) != 2 or not all(w.isdigit() for w in words):
+        last = (done.stdout.strip().splitlines() or ["no output"])[-1]
+        raise ConfigError("hydra.launcher.n_jobs", f"0 (as many runs as fit) reads the GPU's free memory, and that "
+                          f"failed ({last}); give the number of runs at once, e.g. hydra.launcher.n_jobs=4")
+    return int(words[0]), int(words[1])
+
+
 class SizeConcurrentRuns(Callback):
     """Sets ``hydra.launcher.n_jobs`` of the concurrent launcher when it is 0: as many runs as fit."""
 
@@ -96,12 +115,12 @@ class SizeConcurrentRuns(Callback):
             n = max(1, cores // 2)
             log.info("concurrent launcher: %d runs at once (one per two of %d CPU cores)", n, cores)
             return n
-        free, total = torch.cuda.mem_get_info()
         # outside the sweep directory, where kd-table would count it as a run of the sweep
         probe_dir = Path(config.paths.root) / "probes" / Path(str(config.hydra.sweep.dir)).name
         log.info("concurrent launcher: measuring one run's peak memory in %s (%d steps; a teacher not yet stored "
                  "is trained first, once for the whole sweep)", probe_dir, PROBE_STEPS)
         peak = probe_peak(common_overrides(list(config.hydra.overrides.task)), probe_dir)
+        free, total = free_device_memory()  # after the probe (and a teacher it trained) has let go of the GPU
         n = runs_that_fit(free, peak, cap=max(1, cores - 1))
         log.info("concurrent launcher: %d runs at once: %.1f of %.1f GiB free, one run's peak %.2f GiB + CUDA context",
                  n, free / 2**30, total / 2**30, peak / 2**30)
