@@ -225,10 +225,14 @@ class StrongAugment:
         for k in range(self.n):  # the k-th operation of every image: one batched call per operation drawn
             for i in sorted({d.ops[k][0] for d in draws}):
                 rows = [j for j, d in enumerate(draws) if d.ops[k][0] == i]
-                if OPS[i][1] is _identity:
+                op, values = OPS[i][1], [draws[j].ops[k][1] for j in rows]
+                if op is _identity:
+                    continue
+                if len(rows) == len(draws):  # every image (one image alone, on the DataLoader path)
+                    out = op(out, values)
                     continue
                 picked = torch.tensor(rows, device=images.device)
-                out = out.index_copy(0, picked, OPS[i][1](out.index_select(0, picked), [draws[j].ops[k][1] for j in rows]))
+                out = out.index_copy(0, picked, op(out.index_select(0, picked), values))
         return cutout(out, [d.cutout for d in draws])
 
 
