@@ -2,7 +2,7 @@
 # The checks that need a GPU, as one prepared script for a lent machine (the `device` tool: an
 # H100/H200 for about 15 minutes a session, no package index, its own torch).
 #
-# Parts (any of them, in the order given; default: tests bench):
+# Parts (any of them, in the order given; default: bench tests):
 #   tests  the gpu-marked tests and the GPU branches of the concurrent launcher's and speed tests
 #   bench  scripts/benchmark.py --device cuda: the speed table, syncs per step, runs at once, the sweep
 #   cost   scripts/table_cost.py --device cuda: the GPU-hours of the CRD tables (docs/reproduce.md)
@@ -11,7 +11,7 @@
 #
 # Usage: first, here, once per change of the code: `bash scripts/device_wheels.sh` (the wheels
 # the machine lacks, .whl/); then through the device tool, two calls within its 10-minute limit:
-#   run(command="bash scripts/device_check.sh tests bench", carry=[".whl"], timeout_s=590)
+#   run(command="bash scripts/device_check.sh bench tests", carry=[".whl"], timeout_s=590)
 #   run(command="bash scripts/device_check.sh cost", carry=[".whl"], timeout_s=590)
 # PYTHON names the interpreter that holds torch (default python3, the image's).
 set -uo pipefail
@@ -48,14 +48,14 @@ part() {  # part NAME SECONDS COMMAND...: the command under a time limit, its ou
     echo "== $name: exit ${PIPESTATUS[0]} after $((SECONDS - start))s" | tee -a "$OUT/$name.log"
 }
 
-for name in "${@:-tests bench}"; do
+for name in "${@:-bench tests}"; do
     for p in $name; do
         case $p in
             tests)
-                part tests 150 "$PY" -m pytest -q -rs -p no:cacheprovider -m gpu tests/test_configs.py tests/test_host_sync.py tests/test_slurm.py tests/losses/test_mlkd_views.py
-                part tests_gpu_branches 90 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_concurrent.py tests/test_speed.py ;;
-            bench) part bench 330 "$PY" scripts/benchmark.py --device cuda --warmup 10 --steps 100 ;;
-            cost) part cost 400 "$PY" scripts/table_cost.py --device cuda ;;
+                part tests 220 "$PY" -m pytest -q -rs -p no:cacheprovider -m gpu tests/test_configs.py tests/test_host_sync.py tests/test_slurm.py tests/losses/test_mlkd_views.py
+                part tests_gpu_branches 60 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_concurrent.py tests/test_speed.py ;;
+            bench) part bench 300 "$PY" scripts/benchmark.py --device cuda --warmup 10 --steps 100 ;;
+            cost) part cost 300 "$PY" scripts/table_cost.py --device cuda ;;
             *) echo "unknown part $p (tests, bench, cost)"; exit 2 ;;
         esac
     done
