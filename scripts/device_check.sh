@@ -52,7 +52,7 @@ for name in "${@:-bench tests}"; do
     for p in $name; do
         case $p in
             tests)
-                part tests 220 "$PY" -m pytest -q -rs -p no:cacheprovider -m gpu tests/test_configs.py tests/test_host_sync.py tests/test_slurm.py tests/losses/test_mlkd_views.py
+                part tests 220 "$PY" -m pytest -q -rs -p no:cacheprovider -m gpu tests/test_configs.py tests/test_host_sync.py tests/data/test_fast.py tests/test_slurm.py tests/losses/test_mlkd_views.py
                 part tests_gpu_branches 60 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_concurrent.py tests/test_speed.py ;;
             bench) part bench 300 "$PY" scripts/benchmark.py --device cuda --warmup 10 --steps 100 ;;
             cost) part cost 300 "$PY" scripts/table_cost.py --device cuda ;;

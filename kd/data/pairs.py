@@ -12,6 +12,7 @@ as the rest of the data order (``kd.data.order``), so a run resumed mid-epoch dr
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from typing import Any
 
@@ -19,7 +20,7 @@ import torch
 from torch import Tensor
 
 from kd.data.order import Key, sample_generator, split_key
-from kd.data.views import WrappedSplit
+from kd.data.views import WrappedSplit, to_device
 
 PAIR_SALT = 0x5CD5  # keeps the partner's draws apart from the sample's own augmentation draws
 
@@ -42,7 +43,12 @@ class ClassPairs(WrappedSplit):
         self._cpu_targets = targets
 
     def to(self, device: torch.device | str) -> ClassPairs:
-        return ClassPairs(self.base.to(device))
+        """The same pairs over the split moved to ``device``; the class tables stay on the host, where
+        ``partners`` draws (nothing is read back from the device to rebuild them)."""
+        moved = copy.copy(self)
+        moved.base = self.base.to(device)
+        moved.targets = moved.base.targets
+        return moved
 
     def partners(self, index: Tensor, generator: torch.Generator | None) -> Tensor:
         """For each sample of ``index`` ``(B,)``, one training sample of its class, uniformly (``(B,)``, CPU)."""
@@ -70,6 +76,6 @@ class ClassPairs(WrappedSplit):
         j = self.partners(index, g)  # (B,)
         pair_views = self.base.draw_views(len(j), g) if self.num_views > 1 else torch.zeros(len(j), dtype=torch.long)
         device = out["input"].device
-        out["pair_input"] = self.base.render(j.to(device), pair_views.to(device))
-        out["pair_index"] = j.to(device)
+        out["pair_index"] = to_device(j, device)
+        out["pair_input"] = self.base.render(out["pair_index"], to_device(pair_views, device))
         return out

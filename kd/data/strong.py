@@ -33,7 +33,7 @@ import torchvision.transforms.v2.functional as TF
 from torch import Tensor
 
 from kd.data.order import Key, sample_generator, split_key
-from kd.data.views import WrappedSplit
+from kd.data.views import WrappedSplit, to_device
 
 STRONG_SALT = 0x57A6  # keeps the strong view's draws apart from the sample's own and its partner's
 CUTOUT_FILL = (125, 123, 114)
@@ -44,7 +44,7 @@ Op = Callable[[Tensor, Sequence[float]], Tensor]
 
 def _per_image(values: Sequence[float], like: Tensor, dtype: torch.dtype) -> Tensor:
     """``values`` as a (B, 1, 1, 1) tensor on ``like``'s device."""
-    return torch.tensor(list(values), dtype=dtype, device=like.device).view(-1, 1, 1, 1)
+    return to_device(torch.tensor(list(values), dtype=dtype), like.device).view(-1, 1, 1, 1)
 
 
 def _grey(images: Tensor) -> Tensor:
@@ -124,17 +124,17 @@ def _affine(images: Tensor, matrices: Sequence[tuple[float, ...]]) -> Tensor:
     b, _, h, w = images.shape
     fix = [[math.floor(v * 65536.0 + 0.5) for v in (a[0], a[1], a[2] + a[0] * 0.5 + a[1] * 0.5,
                                                   a[3], a[4], a[5] + a[3] * 0.5 + a[4] * 0.5)] for a in matrices]
-    k = torch.tensor(fix, dtype=torch.long, device=images.device).view(b, 6, 1, 1)
+    k = to_device(torch.tensor(fix, dtype=torch.long), images.device).view(b, 6, 1, 1)
     ys = torch.arange(h, device=images.device).view(1, h, 1)
     xs = torch.arange(w, device=images.device).view(1, 1, w)
     x_in = (k[:, 2] + ys * k[:, 1] + xs * k[:, 0]) >> 16  # (B, H, W)
     y_in = (k[:, 5] + ys * k[:, 4] + xs * k[:, 3]) >> 16
     scale = [a[1] == 0 and a[3] == 0 for a in matrices]
     if any(scale):
-        m = torch.tensor([list(a) for a in matrices], dtype=torch.float64, device=images.device).view(b, 6, 1, 1)
+        m = to_device(torch.tensor([list(a) for a in matrices], dtype=torch.float64), images.device).view(b, 6, 1, 1)
         x_f = (m[:, 2] + m[:, 0] * 0.5 + xs * m[:, 0]).floor().long()  # + 0 * y: b = 0
         y_f = (m[:, 5] + m[:, 4] * 0.5 + ys * m[:, 4]).floor().long()
-        use = torch.tensor(scale, device=images.device).view(b, 1, 1)
+        use = to_device(torch.tensor(scale), images.device).view(b, 1, 1)
         x_in, y_in = torch.where(use, x_f.expand(b, h, w), x_in), torch.where(use, y_f.expand(b, h, w), y_in)
     inside = (x_in >= 0) & (x_in < w) & (y_in >= 0) & (y_in < h)
     source = (y_in.clamp(0, h - 1) * w + x_in.clamp(0, w - 1)).view(b, 1, h * w).expand(-1, images.shape[1], -1)
@@ -231,7 +231,7 @@ class StrongAugment:
                 if len(rows) == len(draws):  # every image (one image alone, on the DataLoader path)
                     out = op(out, values)
                     continue
-                picked = torch.tensor(rows, device=images.device)
+                picked = to_device(torch.tensor(rows), images.device)
                 out = out.index_copy(0, picked, op(out.index_select(0, picked), values))
         return cutout(out, [d.cutout for d in draws])
 
@@ -252,10 +252,10 @@ def cutout(images: Tensor, cuts: Sequence[tuple[float, float, float]]) -> Tensor
         left, top = int(max(0.0, cx * w - size / 2.0)), int(max(0.0, cy * h - size / 2.0))
         right, bottom = int(min(w, left + size)) + 1, int(min(h, top + size)) + 1
         bounds.append((left, right, top, bottom) if v > 0 else (0, 0, 0, 0))
-    box = torch.tensor(bounds, device=images.device).view(-1, 4, 1, 1)
+    box = to_device(torch.tensor(bounds), images.device).view(-1, 4, 1, 1)
     cols, rows = torch.arange(w, device=images.device).view(1, 1, w), torch.arange(h, device=images.device).view(1, h, 1)
     inside = (cols >= box[:, 0]) & (cols < box[:, 1]) & (rows >= box[:, 2]) & (rows < box[:, 3])  # (B, H, W)
-    fill = torch.tensor(CUTOUT_FILL if c == 3 else CUTOUT_FILL[:1] * c, dtype=images.dtype, device=images.device)
+    fill = to_device(torch.tensor(CUTOUT_FILL if c == 3 else CUTOUT_FILL[:1] * c, dtype=images.dtype), images.device)
     return torch.where(inside.unsqueeze(1), fill.view(1, c, 1, 1), images)
 
 
@@ -283,12 +283,10 @@ class StrongViews(WrappedSplit):
 
     def strong(self, index: Tensor, generator: torch.Generator) -> Tensor:
         """The strong views ``(B, C, H, W)`` of samples ``index``, normalised, on the split's device."""
-        images = self.base.images[index.to(self.base.images.device)]  # (B, C, H, W) uint8
+        images = self.base.images[to_device(index, self.base.images.device)]  # (B, C, H, W) uint8
         if self.base.augment is not None:  # an independent crop and flip first
             images = self.base.augment.apply(images, self.base.draw_views(len(index), generator))
-        strong = self.augment(images, [self.augment.draw(generator) for _ in range(len(index))])
-        mean, std = (torch.tensor(v, device=strong.device).view(-1, 1, 1) for v in (self.base.mean, self.base.std))
-        return (strong.float() / 255.0 - mean) / std
+        return self.base.normalize(self.augment(images, [self.augment.draw(generator) for _ in range(len(index))]))
 
     def __getitem__(self, key: Key) -> dict[str, Any]:
         i, seed = split_key(key)

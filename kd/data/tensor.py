@@ -11,6 +11,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from kd.data.order import Key, split_key
+from kd.data.views import to_device
 from kd.errors import ConfigError
 
 
@@ -49,13 +50,13 @@ class IndexedTensorDataset(Dataset):
 
     def render(self, index: Tensor, views: Tensor) -> Tensor:
         """The inputs ``(B, ...)`` of samples ``index`` (``views`` are all 0)."""
-        return self.inputs[index.to(self.inputs.device)]
+        return self.inputs[to_device(index, self.inputs.device)]
 
     def batch(self, index: Tensor, views: Tensor) -> dict[str, Tensor]:
         """A batch as every kd datamodule yields it."""
-        index = index.to(self.inputs.device)
+        index = to_device(index, self.inputs.device)
         return {"input": self.inputs[index], "target": self.targets[index], "index": index,
-                "view": views.to(self.inputs.device)}
+                "view": to_device(views, self.inputs.device)}
 
     def __getitem__(self, key: Key) -> dict[str, Tensor | int]:
         i, _ = split_key(key)  # nothing random to draw from the sample's seed

@@ -20,6 +20,14 @@ from torch.utils.data import Dataset
 from kd.data.order import Key, sample_generator, split_key
 
 
+def to_device(tensor: Tensor, device: torch.device | str) -> Tensor:
+    """``tensor`` on ``device``, the host not waiting for it: a copy from host memory onto a GPU is
+    queued behind the GPU's work instead of synchronising with it (CUDA stages pageable memory at
+    once, so the host tensor may be freed or changed right after). A no-op where it already is.
+    """
+    return tensor.to(device, non_blocking=True)
+
+
 class PadCrop:
     """Zero-pad by ``padding`` px, crop back to the image size at one of the offsets, maybe flip.
 
@@ -70,7 +78,7 @@ class PadCrop:
         """
         b, c, h, w = images.shape
         p = self.padding
-        views = views.to(images.device, torch.long)
+        views = to_device(views, images.device).long()
         top, left, flipped = self.decode(views)
         padded = torch.nn.functional.pad(images, (p, p, p, p))  # (B, C, H + 2p, W + 2p), zero fill
         ar_h = torch.arange(h, device=images.device)
@@ -109,8 +117,8 @@ class ImageViews(Dataset):
         self.std = tuple(float(s) for s in std)
         self.augment = augment
         self.num_views = augment.num_views if augment is not None else 1
-        self._mean = torch.tensor(self.mean).view(-1, 1, 1)  # (C, 1, 1)
-        self._std = torch.tensor(self.std).view(-1, 1, 1)
+        self._mean = torch.tensor(self.mean).view(-1, 1, 1).to(images.device)  # (C, 1, 1), where the images are
+        self._std = torch.tensor(self.std).view(-1, 1, 1).to(images.device)
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -132,16 +140,20 @@ class ImageViews(Dataset):
 
     def render(self, index: Tensor, views: Tensor) -> Tensor:
         """The normalised float inputs ``(B, C, H, W)`` of images ``index`` in views ``views``."""
-        x = self.images[index.to(self.images.device)]  # (B, C, H, W) uint8
+        x = self.images[to_device(index, self.images.device)]  # (B, C, H, W) uint8
         if self.augment is not None:
             x = self.augment.apply(x, views)
-        return (x.float() / 255.0 - self._mean.to(x.device)) / self._std.to(x.device)
+        return self.normalize(x)
+
+    def normalize(self, x: Tensor) -> Tensor:
+        """uint8 images ``(B, C, H, W)`` as the split's float inputs."""
+        return (x.float() / 255.0 - self._mean) / self._std
 
     def batch(self, index: Tensor, views: Tensor) -> dict[str, Tensor]:
         """A training batch as every kd datamodule yields it, plus the view of each input."""
-        index = index.to(self.images.device)
+        index = to_device(index, self.images.device)
         return {"input": self.render(index, views), "target": self.targets[index], "index": index,
-                "view": views.to(self.images.device)}
+                "view": to_device(views, self.images.device)}
 
     def __getitem__(self, key: Key) -> dict[str, Tensor | int]:
         """Sample ``i`` in a random view; with a key ``(i, seed)`` (``kd.data.order``) the view is drawn from ``seed``."""

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import traceback
 from pathlib import Path
 
 import pytest
 import torch
 from datagen import write_cifar
+from torch.utils._python_dispatch import TorchDispatchMode
 
+import kd.data.pairs
+import kd.data.strong
+import kd.data.views
 from kd.data import CIFARDataModule, DigitsDataModule
 from kd.data.fast import BatchLoader
+from kd.data.pairs import ClassPairs
+from kd.data.strong import StrongViews
 from kd.data.views import ImageViews, PadCrop
 
 
@@ -91,3 +98,60 @@ def test_datamodules_serve_the_fast_path_with_the_same_batches_as_the_dataloader
     digits.setup("fit")
     d = next(iter(digits.train_dataloader()))
     assert d["input"].shape == (100, 1, 8, 8) and torch.equal(d["input"], digits.splits["train"].inputs[d["index"]])
+
+
+class BlockingCopies(TorchDispatchMode):
+    """Records every copy from host memory onto another device that the host would wait for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default):
+            src = args[1] if func is torch.ops.aten.copy_.default else args[0]
+            dst = args[0].device if func is torch.ops.aten.copy_.default else torch.device(kwargs.get("device") or src.device)
+            queued = args[2] if func is torch.ops.aten.copy_.default and len(args) > 2 else kwargs.get("non_blocking", False)
+            if src.device.type == "cpu" and dst.type != "cpu" and not queued:
+                kd_frames = [f"{f.filename}:{f.lineno}" for f in traceback.extract_stack() if "/kd/" in f.filename]
+                self.seen.append(kd_frames[-1] if kd_frames else "outside kd")
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("wrap", ["views", "pairs", "strong"])
+def test_the_fast_path_never_makes_the_host_wait_for_the_device(wrap: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU a blocking host-to-device copy (an index, a view, a constant) waits for every queued
+    kernel: once per batch, the step's overlap with the next batch's rendering is lost. The split
+    moved to the ``meta`` device stands in for the GPU: every such copy is recorded."""
+    data = _views_dataset(40).to("meta")
+    data = {"views": data, "pairs": ClassPairs(_views_dataset(40)).to("meta"), "strong": StrongViews(data)}[wrap]
+    copies = BlockingCopies()
+    with copies:
+        batches = list(BatchLoader(data, 16, shuffle=True))
+    assert copies.seen == []
+    assert len(batches) == 3 and all(v.device.type == "meta" for b in batches for v in b.values())
+    # the probe sees the blocking copies there were before ``to_device``
+    for module in (kd.data.views, kd.data.pairs, kd.data.strong):
+        monkeypatch.setattr(module, "to_device", lambda tensor, device: tensor.to(device))
+    with copies:
+        list(BatchLoader(data, 16, shuffle=True))
+    assert copies.seen and all("/kd/data/" in c for c in copies.seen)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
+@pytest.mark.parametrize("wrap", ["views", "pairs", "strong"])
+def test_on_a_gpu_the_fast_path_never_synchronises(wrap: str) -> None:
+    data = _views_dataset(40)
+    data = {"views": data, "pairs": ClassPairs(data), "strong": StrongViews(data)}[wrap].to("cuda")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        batches = list(BatchLoader(data, 16, shuffle=True))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(v.is_cuda for b in batches for v in b.values())
+    cpu = list(BatchLoader(data.to("cpu"), 16, shuffle=True))  # the same batches as on the host
+    for b, c in zip(batches, cpu, strict=True):
+        for k, v in b.items():
+            torch.testing.assert_close(v.cpu(), c[k], rtol=0, atol=1e-6)
