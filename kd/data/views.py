@@ -21,10 +21,17 @@ from kd.data.order import Key, sample_generator, split_key
 
 
 def to_device(tensor: Tensor, device: torch.device | str) -> Tensor:
-    """``tensor`` on ``device``, the host not waiting for it: a copy from host memory onto a GPU is
-    queued behind the GPU's work instead of synchronising with it (CUDA stages pageable memory at
-    once, so the host tensor may be freed or changed right after). A no-op where it already is.
+    """``tensor`` on ``device`` without the host waiting for the device's queued work.
+
+    A plain copy from host memory onto a GPU (``tensor.to("cuda")``) waits for every kernel already
+    queued; CUDA may wait as well for a copy from pageable memory even when asked not to (its
+    documented API synchronisation behaviour). So a host tensor bound for a GPU is staged in pinned
+    memory (torch's caching host allocator, which keeps the block until the copy is done) and copied
+    with ``non_blocking``: the copy is queued behind the step's kernels. A no-op where it already is.
     """
+    device = torch.device(device)
+    if device.type == "cuda" and tensor.device.type == "cpu" and not tensor.is_pinned():
+        tensor = tensor.pin_memory()
     return tensor.to(device, non_blocking=True)
 
 
