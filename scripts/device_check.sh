@@ -3,16 +3,17 @@
 # H100/H200 for about 15 minutes a session, no package index, its own torch).
 #
 # Parts (any of them, in the order given; default: bench tests):
-#   tests  the gpu-marked tests and the GPU branches of the concurrent launcher's and speed tests
-#   bench  scripts/benchmark.py --device cuda: the speed table, syncs per step, runs at once, the sweep
-#   cost   scripts/table_cost.py --device cuda: the GPU-hours of the CRD tables (docs/reproduce.md)
+#   tests     the gpu-marked tests
+#   branches  the concurrent launcher's and speed tests, whose GPU branches run only on a GPU
+#   bench     scripts/benchmark.py --device cuda: the speed table, syncs per step, runs at once, the sweep
+#   cost      scripts/table_cost.py --device cuda: the GPU-hours of the CRD tables (docs/reproduce.md)
 # Each part's output goes to $OUT/<part>.log ($OUT: the folder the device tool brings back; else
 # outputs/device/), each under its own time limit, so one part that hangs leaves the others' logs.
 #
 # Usage: first, here, once per change of the code: `bash scripts/device_wheels.sh` (the wheels
 # the machine lacks, .whl/); then through the device tool, two calls within its 10-minute limit:
 #   run(command="bash scripts/device_check.sh bench tests", carry=[".whl"], timeout_s=590)
-#   run(command="bash scripts/device_check.sh cost", carry=[".whl"], timeout_s=590)
+#   run(command="bash scripts/device_check.sh cost branches", carry=[".whl"], timeout_s=590)
 # PYTHON names the interpreter that holds torch (default python3, the image's).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -52,11 +53,11 @@ for name in "${@:-bench tests}"; do
     for p in $name; do
         case $p in
             tests)
-                part tests 220 "$PY" -m pytest -q -rs -p no:cacheprovider -m gpu tests/test_configs.py tests/test_host_sync.py tests/data/test_fast.py tests/test_slurm.py tests/losses/test_mlkd_views.py
-                part tests_gpu_branches 60 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_concurrent.py tests/test_speed.py ;;
+                part tests 230 "$PY" -m pytest -q -rs -p no:cacheprovider -m gpu tests/test_configs.py tests/test_host_sync.py tests/data/test_fast.py tests/test_slurm.py tests/losses/test_mlkd_views.py ;;
+            branches) part tests_gpu_branches 200 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_concurrent.py tests/test_speed.py ;;
             bench) part bench 300 "$PY" scripts/benchmark.py --device cuda --warmup 10 --steps 100 ;;
             cost) part cost 300 "$PY" scripts/table_cost.py --device cuda ;;
-            *) echo "unknown part $p (tests, bench, cost)"; exit 2 ;;
+            *) echo "unknown part $p (tests, branches, bench, cost)"; exit 2 ;;
         esac
     done
 done

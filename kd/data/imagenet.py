@@ -221,8 +221,6 @@ class ImageNetDataModule(SplitDataModule):
             extract; at ``setup``, on a class count other than ``num_classes``.
     """
 
-    pin_memory = True
-
     def __init__(
         self,
         root: str = "data/imagenet",

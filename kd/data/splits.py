@@ -23,11 +23,12 @@ class SplitDataModule(L.LightningDataModule):
 
     Subclasses set ``batch_size``, ``eval_batch_size`` and ``num_workers`` and fill ``splits``
     with datasets that have a ``targets`` tensor in index order (for ``train_targets``).
-    ``pin_memory`` is for datamodules that decode on CPU workers for a GPU (ImageNet).
+    Batches bound for a GPU are collated into pinned memory: CUDA makes the host wait for the
+    stream before an asynchronous copy from pageable memory (its documented API sync behaviour),
+    which would stall every step on the previous one.
     """
 
     provides_index = True  # batch["index"]: position in the training split
-    pin_memory = False
     fast = False  # kd.data.fast.BatchLoader instead of a DataLoader
     class_pairs = False  # training batches carry a same-class partner of each sample (kd.data.pairs, CS-KD)
     strong_views = False  # training batches carry a strongly augmented second view (kd.data.strong, MLKD)
@@ -94,7 +95,7 @@ class SplitDataModule(L.LightningDataModule):
         if getattr(self, "fast", False):
             return self._fast_loader(split, train)
         common = {"num_workers": self.num_workers, "persistent_workers": self.num_workers > 0,
-                  "pin_memory": self.pin_memory and torch.cuda.is_available()}
+                  "pin_memory": self._device().type == "cuda"}
         if not train:
             return DataLoader(self.splits[split], batch_size=self.eval_batch_size, shuffle=False, **common)
         trainer = getattr(self, "trainer", None)

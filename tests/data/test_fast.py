@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import traceback
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -155,3 +156,35 @@ def test_on_a_gpu_the_fast_path_never_synchronises(wrap: str) -> None:
     for b, c in zip(batches, cpu, strict=True):
         for k, v in b.items():
             torch.testing.assert_close(v.cpu(), c[k], rtol=0, atol=1e-6)
+
+
+def _on(dm, device: str):
+    """``dm`` attached to a stand-in trainer whose model lives on ``device``."""
+    dm.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)), global_rank=0, world_size=1)
+    return dm
+
+
+def test_the_dataloader_path_pins_batches_bound_for_a_gpu_only(tmp_path: Path) -> None:
+    """CUDA makes the host wait for the stream before an asynchronous copy from pageable memory,
+    so every step would wait for the one before: batches bound for a GPU are collated pinned."""
+    root = write_cifar(tmp_path, dataset="cifar10", n_train=40, n_test=20)
+    for make in (lambda: CIFARDataModule(root=str(root), dataset="cifar10", val_size=10, batch_size=8),
+                 lambda: DigitsDataModule(batch_size=8)):
+        for device, pinned in (("cuda", True), ("cuda:1", True), ("cpu", False)):
+            dm = _on(make(), device)
+            dm.setup("fit")
+            loaders = (dm.train_dataloader(), dm.val_dataloader(), dm.test_dataloader())
+            assert [loader.pin_memory for loader in loaders] == [pinned] * 3, (type(dm).__name__, device)
+        alone = make()  # no trainer: batches stay on the host
+        alone.setup("fit")
+        assert alone.train_dataloader().pin_memory is False
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
+def test_on_a_gpu_the_dataloader_path_hands_over_pinned_batches(tmp_path: Path) -> None:
+    root = write_cifar(tmp_path, dataset="cifar10", n_train=40, n_test=20)
+    dm = _on(CIFARDataModule(root=str(root), dataset="cifar10", val_size=10, batch_size=8), "cuda")
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert all(v.is_pinned() for v in batch.values())
