@@ -81,7 +81,7 @@ class BatchLoader:
         total = self._per_rank() * self.world_size
         if total > n:  # pad with the first samples, as DistributedSampler does
             order = torch.cat([order, order[: total - n]])
-        return order[self.rank :: self.world_size]
+        return order[self.rank :: self.world_size].contiguous()  # its batches copy to a GPU without staging
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
@@ -89,7 +89,7 @@ class BatchLoader:
         if self.shuffle and self.dataset.num_views > 1:
             # drawn for the whole permutation, then sliced: the same on every rank
             views = torch.randint(self.dataset.num_views, (len(index) * self.world_size,), generator=generator)
-            views = views[self.rank :: self.world_size]
+            views = views[self.rank :: self.world_size].contiguous()
         else:
             views = torch.zeros(len(index), dtype=torch.long)
         self.epoch += 1  # the next iteration draws anew, also when nobody calls set_epoch

@@ -300,5 +300,5 @@ class StrongViews(WrappedSplit):
         out = self.base.batch(index, views)
         digest = hashlib.blake2b(torch.stack([index.cpu().long(), views.cpu().long()]).numpy().tobytes(), digest_size=8)
         g = torch.Generator().manual_seed(int.from_bytes(digest.digest(), "little") % 2**62 ^ STRONG_SALT)
-        out["strong_input"] = self.strong(index, g).to(out["input"].device)
+        out["strong_input"] = self.strong(out["index"], g)  # the index already on the device: no second copy
         return out

@@ -54,9 +54,8 @@ class IndexedTensorDataset(Dataset):
 
     def batch(self, index: Tensor, views: Tensor) -> dict[str, Tensor]:
         """A batch as every kd datamodule yields it."""
-        index = to_device(index, self.inputs.device)
-        return {"input": self.inputs[index], "target": self.targets[index], "index": index,
-                "view": to_device(views, self.inputs.device)}
+        index, views = to_device(index, self.inputs.device), to_device(views, self.inputs.device)
+        return {"input": self.inputs[index], "target": self.targets[index], "index": index, "view": views}
 
     def __getitem__(self, key: Key) -> dict[str, Tensor | int]:
         i, _ = split_key(key)  # nothing random to draw from the sample's seed

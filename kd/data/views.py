@@ -27,12 +27,16 @@ def to_device(tensor: Tensor, device: torch.device | str) -> Tensor:
     queued; CUDA may wait as well for a copy from pageable memory even when asked not to (its
     documented API synchronisation behaviour). So a host tensor bound for a GPU is staged in pinned
     memory (torch's caching host allocator, which keeps the block until the copy is done) and copied
-    with ``non_blocking``: the copy is queued behind the step's kernels. A no-op where it already is.
+    with ``non_blocking``: the copy is queued behind the step's kernels. A strided slice (a rank's
+    share of a permutation) is made contiguous first: torch would stage a non-contiguous source in
+    pageable memory again. A copy back to the host blocks: its values are read at once. A no-op
+    where it already is.
     """
     device = torch.device(device)
-    if device.type == "cuda" and tensor.device.type == "cpu" and not tensor.is_pinned():
-        tensor = tensor.pin_memory()
-    return tensor.to(device, non_blocking=True)
+    from_host = tensor.device.type == "cpu"
+    if device.type == "cuda" and from_host and not (tensor.is_contiguous() and tensor.is_pinned()):
+        tensor = tensor.contiguous().pin_memory()
+    return tensor.to(device, non_blocking=from_host)
 
 
 class PadCrop:
@@ -158,9 +162,8 @@ class ImageViews(Dataset):
 
     def batch(self, index: Tensor, views: Tensor) -> dict[str, Tensor]:
         """A training batch as every kd datamodule yields it, plus the view of each input."""
-        index = to_device(index, self.images.device)
-        return {"input": self.render(index, views), "target": self.targets[index], "index": index,
-                "view": to_device(views, self.images.device)}
+        index, views = to_device(index, self.images.device), to_device(views, self.images.device)
+        return {"input": self.render(index, views), "target": self.targets[index], "index": index, "view": views}
 
     def __getitem__(self, key: Key) -> dict[str, Tensor | int]:
         """Sample ``i`` in a random view; with a key ``(i, seed)`` (``kd.data.order``) the view is drawn from ``seed``."""

@@ -42,6 +42,8 @@ def test_ranks_split_one_permutation_like_distributed_sampler() -> None:
             for b in rank:
                 torch.testing.assert_close(b["input"], data.render(b["index"], b["view"]))
                 assert torch.equal(b["target"], data.targets[b["index"]])
+                # a strided share would be staged in pageable memory on its way to a GPU
+                assert b["index"].is_contiguous() and b["view"].is_contiguous()
     first, second = (torch.cat([b["index"] for b in e[0]]) for e in epochs)
     assert not torch.equal(first, second)  # a new permutation each epoch
     views = torch.cat([b["view"] for e in epochs for r in e for b in r])
@@ -148,11 +150,11 @@ def test_on_a_gpu_the_fast_path_never_synchronises(wrap: str) -> None:
     data = {"views": data, "pairs": ClassPairs(data), "strong": StrongViews(data)}[wrap].to("cuda")
     torch.cuda.set_sync_debug_mode("error")
     try:
-        batches = list(BatchLoader(data, 16, shuffle=True))
+        batches = list(BatchLoader(data, 16, shuffle=True, rank=1, world_size=2))  # a strided share of the order
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert all(v.is_cuda for b in batches for v in b.values())
-    cpu = list(BatchLoader(data.to("cpu"), 16, shuffle=True))  # the same batches as on the host
+    cpu = list(BatchLoader(data.to("cpu"), 16, shuffle=True, rank=1, world_size=2))  # the same batches as on the host
     for b, c in zip(batches, cpu, strict=True):
         for k, v in b.items():
             torch.testing.assert_close(v.cpu(), c[k], rtol=0, atol=1e-6)
