@@ -314,6 +314,8 @@ def kd_loop(cfg: Any, teacher_state: dict[str, torch.Tensor], student_state: dic
     teacher = build_model(cfg.model.teacher, key="model.teacher", **fits)
     student.load_state_dict(student_state)
     teacher.load_state_dict(teacher_state)
+    if not criterion.requires_teacher:  # as kd's runs: the student trained alone runs no teacher
+        teacher = None
     student_fx, teacher_fx = prepare_method(criterion, student, teacher, datamodule)
     optimizer, scheduler = build_optimization(cfg)
     notes: dict[str, Any] = {}
