@@ -5,11 +5,13 @@ step of the pair's ``kd`` column on the device, and for each column its step on 
 first that sweeps it) against that pair's ``kd`` step; a cell's step cost is then the pair's
 ``kd`` step times the column's ratio. A cell's time is its epochs (240, plus the 30 epochs of the
 initialisation stage of AB, FT and FSP) x steps per epoch (45,000 training images under kd's
-default protocol, 50,000 under ``protocol=paper``, batch 64) x its step cost. Teachers are trained
-once per teacher architecture (not counted: a released checkpoint, ``teacher.ckpt=``, skips them).
-Random weights, generated data of the real shapes (the step cost does not depend on the values),
-kd's default path (no teacher cache, fp32 unless ``--precision``). Not a test: the numbers depend
-on the machine and its load.
+default protocol, 50,000 under ``protocol=paper``, batch 64) x its step cost, plus every epoch's
+evaluation of the student (the 5,000 held-out images under kd's protocol, the 10,000 test images
+under ``protocol=paper``) and the final test, in batches of 512, timed as the pair's student
+forward. Teachers are trained once per teacher architecture (not counted: a released
+checkpoint, ``teacher.ckpt=``, skips them). Random weights, generated data of the real shapes (the
+step cost does not depend on the values), kd's default path (no teacher cache, fp32 unless
+``--precision``). Not a test: the numbers depend on the machine and its load.
 
 Usage:
     .venv/bin/python scripts/table_cost.py --device cuda                 # every pair and column
@@ -34,6 +36,8 @@ from benchmark import compose, kd_loop  # noqa: E402  (scripts/benchmark.py)
 
 EPOCHS, STAGE_EPOCHS, BATCH = 240, 30, 64
 TRAIN = {"honest": 45_000, "paper": 50_000}
+EVALUATED = {"honest": 5_000, "paper": 10_000}  # per epoch: the validation split, or the test set under paper
+EVAL_BATCH = 512
 STAGED = {"ab", "ft", "fsp"}  # their initialisation stage: 30 more epochs (RepDistiller's --init_epochs)
 TABLE_1 = ["wrn_40_2_wrn_16_2", "wrn_40_2_wrn_40_1", "resnet56_resnet20", "resnet110_resnet20", "resnet110_resnet32",
            "resnet32x4_resnet8x4", "vgg13_vgg8"]
@@ -61,6 +65,30 @@ def step_seconds(pair: str, column: str, data_root: Path, args: argparse.Namespa
     return seconds
 
 
+def eval_seconds(pair: str, args: argparse.Namespace, device: torch.device) -> float:
+    """Seconds per evaluation batch (512 images) of the pair's student: its forward, no gradient."""
+    import time
+
+    from kd.models.build import build_model
+
+    cfg = compose([f"experiment=cifar100_{pair}"])
+    torch.manual_seed(0)
+    student = build_model(cfg.model.student, key="model.student", num_classes=100, input_shape=(3, 32, 32))
+    student = student.to(device).eval()
+    x = torch.randn(EVAL_BATCH, 3, 32, 32, device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision.startswith("bf16"))
+    with torch.inference_mode(), autocast:
+        for i in range(args.warmup + args.steps):
+            if i == args.warmup:
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                start = time.perf_counter()
+            student(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) / args.steps
+
+
 def main(argv: list[str] | None = None) -> None:
     import logging
     import warnings
@@ -83,13 +111,16 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{device} ({capability}), {args.precision}, {args.warmup} warm-up + {args.steps} timed steps", flush=True)
 
     kd_step: dict[str, float] = {}
+    eval_step: dict[str, float] = {}
     ratio: dict[str, float] = {"kd": 1.0}
     with tempfile.TemporaryDirectory() as tmp:
         data_root = Path(tmp) / "cifar"
         write_cifar(data_root, n_train=BATCH * (args.warmup + args.steps) + 32, n_test=100, labels_used=32)
         for pair in args.pairs:
             kd_step[pair] = step_seconds(pair, "kd", data_root, args, device)
-            print(f"  {pair} kd: {kd_step[pair] * 1e3:.1f} ms/step", flush=True)
+            eval_step[pair] = eval_seconds(pair, args, device)
+            print(f"  {pair} kd: {kd_step[pair] * 1e3:.1f} ms/step, evaluation {eval_step[pair] * 1e3:.1f} ms per "
+                  f"{EVAL_BATCH} images", flush=True)
         for column in sorted({c for p in args.pairs for c in columns(p)} - {"kd"}):
             pair = next(p for p in args.pairs if column in columns(p))
             ratio[column] = step_seconds(pair, column, data_root, args, device) / kd_step[pair]
@@ -106,7 +137,9 @@ def main(argv: list[str] | None = None) -> None:
         hours = {}
         for protocol, n_train in TRAIN.items():
             steps = math.ceil(n_train / BATCH)
-            seconds = sum((EPOCHS + (STAGE_EPOCHS if c in STAGED else 0)) * steps * kd_step[p] * ratio[c] for p, c in cells)
+            evals = EPOCHS * math.ceil(EVALUATED[protocol] / EVAL_BATCH) + math.ceil(10_000 / EVAL_BATCH)  # + the test
+            seconds = sum((EPOCHS + (STAGE_EPOCHS if c in STAGED else 0)) * steps * kd_step[p] * ratio[c]
+                          + evals * eval_step[p] for p, c in cells)
             hours[protocol] = args.seeds * seconds / 3600
             totals[protocol] += hours[protocol]
         print(f"| {title} | {len(pairs)} | {len(cells)} | {len(cells) * args.seeds} | {hours['honest']:,.0f} | "
