@@ -108,6 +108,8 @@ def sample_negatives(
     a uniform position among the ``N - count`` others is shifted past the anchor's run (exact,
     no redraws). Without, each row takes the K smallest of uniform keys with its own class's
     keys set above 1; rows whose class leaves fewer than K others fall back to replacement.
+    Nothing is read back from the device: keys are drawn for every row (so the draws of a row
+    depend on whether an earlier row lacks K others only through its shape, never its values).
 
     Args:
         labels: ``(B,)`` the anchors' classes.
@@ -126,15 +128,17 @@ def sample_negatives(
     u = (torch.rand(labels.shape[0], k, device=order.device, dtype=torch.float64) * others).long()
     u = torch.minimum(u, others - 1)  # (B, k) in [0, others)
     pos = u + (u >= start) * count  # (B, k): skips the anchor's class
-    distinct = (others >= k).squeeze(1).nonzero().squeeze(1)  # rows with enough others
-    if not replacement and distinct.numel() > 0:
+    if not replacement and k <= n:  # shapes only: no row count read back from the device
+        distinct = others >= k  # (B, 1): rows with enough others; the rest keep the draw above
         chunk = max(1, (1 << 24) // n)  # bounds the (rows, N) keys to 64 MB
         arange = torch.arange(n, device=order.device)
-        for rows in distinct.split(chunk):
-            keys = torch.rand(rows.shape[0], n, device=order.device, dtype=torch.float32)  # (b, N)
+        for lo in range(0, labels.shape[0], chunk):
+            rows = slice(lo, lo + chunk)
+            keys = torch.rand(pos[rows].shape[0], n, device=order.device, dtype=torch.float32)  # (b, N)
             own = (arange >= start[rows]) & (arange < start[rows] + count[rows])  # (b, N)
             keys.masked_fill_(own, 2.0)
-            pos[rows] = keys.topk(k, dim=1, largest=False, sorted=False).indices
+            smallest = keys.topk(k, dim=1, largest=False, sorted=False).indices  # (b, K)
+            pos[rows] = torch.where(distinct[rows], smallest, pos[rows])
     return order[pos]
 
 
@@ -151,11 +155,11 @@ def update_memory(memory: Tensor, index: Tensor, emb: Tensor, momentum: float) -
         emb: ``(n, D)`` new embeddings.
         momentum: Share of the old row, in ``[0, 1)``.
     """
-    uniq, inverse = torch.unique(index, return_inverse=True)
-    if uniq.shape[0] < index.shape[0]:
-        where = torch.arange(index.shape[0], device=index.device)
-        last = torch.full_like(uniq, -1).scatter_reduce(0, inverse, where, "amax")
-        index, emb = index[last], emb[last]
+    position = torch.arange(index.shape[0], device=index.device)
+    # each row takes the embedding of the last occurrence of its index: a repeated index writes
+    # one value however the copies are ordered (no unique(): its size would be read back)
+    last = torch.where(index[:, None] == index[None, :], position, -1).amax(dim=1)  # (n,)
+    emb = emb[last]
     dtype = torch.promote_types(memory.dtype, torch.float32)
     rows = memory.index_select(0, index).to(dtype).mul_(momentum).add_(emb.to(dtype), alpha=1 - momentum)  # (n, D)
     memory.index_copy_(0, index, F.normalize(rows, dim=1).to(memory.dtype))
