@@ -110,11 +110,17 @@ class SyncErrors(L.Callback):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.gpu
-@pytest.mark.parametrize("fast", [False, True], ids=["default", "cache_fast_data"])
-def test_a_gpu_training_step_never_synchronises(make_cfg, tmp_path: Path, monkeypatch, fast: bool) -> None:
+@pytest.mark.parametrize(("column", "fast"), [("kd", False), ("kd", True), ("crd", False), ("dkd", False)],
+                         ids=["default", "cache_fast_data", "crd", "dkd"])
+def test_a_gpu_training_step_never_synchronises(make_cfg, tmp_path: Path, tmp_path_factory, monkeypatch,
+                                                column: str, fast: bool) -> None:
     monkeypatch.setitem(sys.modules, "kd_test_host_sync", sys.modules[__name__])
-    root = write_cifar(tmp_path / "data", dataset="cifar100", n_train=200, n_test=20, labels_used=8)
-    extra = ("data.fast=true", "teacher_cache.enabled=true") if fast else ()
+    shared = tmp_path_factory.getbasetemp() / "gpu_sync"  # one dataset and teacher for every column
+    root = shared / "data" if (shared / "data").exists() else write_cifar(shared / "data", dataset="cifar100",
+                                                                          n_train=200, n_test=20, labels_used=8)
+    store = shared / "teachers"
+    extra = (f"cifar_row={column}", f"teacher.store_dir={store}",
+             *(("data.fast=true", "teacher_cache.enabled=true") if fast else ()))
     try:
         results = run(make_cfg(
             "experiment=cifar100_resnet32x4_resnet8x4", "trainer=gpu", f"data.root={root}", "data.val_size=40",
