@@ -32,12 +32,12 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
-from benchmark import compose, kd_loop  # noqa: E402  (scripts/benchmark.py)
+from benchmark import compose, kd_loop, sync  # noqa: E402  (scripts/benchmark.py)
 
 EPOCHS, STAGE_EPOCHS, BATCH = 240, 30, 64
 TRAIN = {"honest": 45_000, "paper": 50_000}
-EVALUATED = {"honest": 5_000, "paper": 10_000}  # per epoch: the validation split, or the test set under paper
-EVAL_BATCH = 512
+TEST, EVAL_BATCH = 10_000, 512
+EVALUATED = {"honest": 5_000, "paper": TEST}  # per epoch: the validation split, or the test set under paper
 STAGED = {"ab", "ft", "fsp"}  # their initialisation stage: 30 more epochs (RepDistiller's --init_epochs)
 TABLE_1 = ["wrn_40_2_wrn_16_2", "wrn_40_2_wrn_40_1", "resnet56_resnet20", "resnet110_resnet20", "resnet110_resnet32",
            "resnet32x4_resnet8x4", "vgg13_vgg8"]
@@ -80,12 +80,10 @@ def eval_seconds(pair: str, args: argparse.Namespace, device: torch.device) -> f
     with torch.inference_mode(), autocast:
         for i in range(args.warmup + args.steps):
             if i == args.warmup:
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
+                sync(device)
                 start = time.perf_counter()
             student(x)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        sync(device)
     return (time.perf_counter() - start) / args.steps
 
 
@@ -137,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
         hours = {}
         for protocol, n_train in TRAIN.items():
             steps = math.ceil(n_train / BATCH)
-            evals = EPOCHS * math.ceil(EVALUATED[protocol] / EVAL_BATCH) + math.ceil(10_000 / EVAL_BATCH)  # + the test
+            evals = EPOCHS * math.ceil(EVALUATED[protocol] / EVAL_BATCH) + math.ceil(TEST / EVAL_BATCH)  # + the test
             seconds = sum((EPOCHS + (STAGE_EPOCHS if c in STAGED else 0)) * steps * kd_step[p] * ratio[c]
                           + evals * eval_step[p] for p, c in cells)
             hours[protocol] = args.seeds * seconds / 3600
